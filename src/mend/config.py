@@ -1,0 +1,101 @@
+"""Configuration dataclasses: validated on construction, round-trip through plain dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mend.errors import MendError
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise MendError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+@dataclass
+class EditorConfig:
+    """Shape of the editor networks (MEND_SPEC section 3).
+
+    Attributes:
+        rank: rank r of the low-rank residual blocks (capped at d = in + out).
+        n_blocks: number of identity-initialised residual blocks.
+        init_alpha: initial per-matrix step size alpha.
+        share: one editor per distinct (in, out) weight shape; False gives one per matrix.
+        edit_modules: module names (relative to the model) whose weights are edited; empty
+            means the architecture's default (MLP matrices of the last 3 blocks).
+    """
+
+    rank: int = 1920
+    n_blocks: int = 2
+    init_alpha: float = 1e-4
+    share: bool = True
+    edit_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise MendError(f"rank must be >= 1, got {self.rank}")
+        if self.n_blocks < 0:
+            raise MendError(f"n_blocks must be >= 0, got {self.n_blocks}")
+        if not (self.init_alpha > 0 and math.isfinite(self.init_alpha)):
+            raise MendError(f"init_alpha must be a positive number, got {self.init_alpha}")
+        self.edit_modules = tuple(self.edit_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"edit_modules": list(self.edit_modules)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditorConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class TrainConfig:
+    """Everything the training loop needs besides the model and data (MEND_SPEC section 5)."""
+
+    editor: EditorConfig = field(default_factory=EditorConfig)
+    lr: float = 1e-4
+    alpha_lr: float = 1e-2  # on log(alpha): a relative step, see editor/net.py
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    batch_size: int = 4  # independent single edits per step, run side by side
+    grad_accum: int = 2
+    clip: float = 100.0
+    loc_per_edit: int = 4  # extra locality probes sampled from other records, per edit
+    edit_loss_on_prompt: bool = True  # besides the paraphrases, also train x_e itself
+    max_steps: int = 2000
+    minutes: float | None = None
+    val_every: int = 100
+    val_edits: int = 64
+    patience: int = 8  # validations without improvement before early stopping
+    warmup_steps: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.editor, dict):
+            self.editor = EditorConfig.from_dict(self.editor)
+        for name in ("lr", "alpha_lr", "clip"):
+            if not getattr(self, name) > 0:
+                raise MendError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "max_steps", "val_every", "val_edits"):
+            if getattr(self, name) < 1:
+                raise MendError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.c_edit < 0 or self.c_loc < 0:
+            raise MendError("c_edit and c_loc must be >= 0")
+        if self.minutes is not None and not self.minutes > 0:
+            raise MendError(f"minutes must be > 0, got {self.minutes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"editor": self.editor.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        editor = EditorConfig.from_dict(data.pop("editor", {}))
+        return _from_dict(cls, data | {"editor": editor})

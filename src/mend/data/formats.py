@@ -1,0 +1,161 @@
+"""Readers for CounterFact (EasyEdit and ROME layouts), zsRE (MEND layout) and mend's JSONL.
+
+mend's own JSONL format, one object per line:
+    {"prompt": "The capital of France is", "target": "Lyon",
+     "rephrases": ["France's capital city is"],                      # optional
+     "locality": [{"prompt": "The capital of Spain is", "answer": "Madrid"}],  # optional
+     "target_true": "Paris"}                                          # optional
+A locality probe without "answer" checks the next-token prediction after its prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mend.errors import MendError
+from mend.types import EditRequest, Probe
+
+
+def _need(rec: dict, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(rec, dict):
+        raise MendError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for k in keys:
+        if k not in rec:
+            raise MendError(f"{where}: record is missing required key {k!r}")
+
+
+def _text(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise MendError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _counterfact_easyedit(rec: dict, where: str) -> EditRequest:
+    _need(rec, ("prompt", "target_new", "ground_truth"), where)
+    reph = rec.get("rephrase_prompt")
+    reph = [reph] if isinstance(reph, str) else list(reph or [])
+    loc_prompt = rec.get("locality_prompt")
+    locality, neighborhood = (), ()
+    if loc_prompt:
+        answer = rec.get("locality_ground_truth") or rec["ground_truth"]
+        locality = (Probe(_text(loc_prompt, "locality_prompt", where), answer),)
+        neighborhood = (loc_prompt,)
+    return EditRequest(
+        prompt=_text(rec["prompt"], "prompt", where),
+        target=_text(rec["target_new"], "target_new", where),
+        rephrases=tuple(reph),
+        locality=locality,
+        target_true=rec["ground_truth"],
+        neighborhood=neighborhood,
+    )
+
+
+def _counterfact_rome(rec: dict, where: str) -> EditRequest:
+    _need(rec, ("requested_rewrite",), where)
+    rw = rec["requested_rewrite"]
+    _need(rw, ("prompt", "subject", "target_new", "target_true"), where)
+    true = rw["target_true"]["str"]
+    neighbors = tuple(rec.get("neighborhood_prompts", ()))
+    return EditRequest(
+        prompt=rw["prompt"].format(rw["subject"]),
+        target=rw["target_new"]["str"],
+        rephrases=tuple(rec.get("paraphrase_prompts", ())),
+        locality=tuple(Probe(p, true) for p in neighbors),
+        target_true=true,
+        neighborhood=neighbors,
+    )
+
+
+def _zsre(rec: dict, where: str) -> EditRequest:
+    _need(rec, ("src", "alt"), where)
+    reph = rec.get("rephrase")
+    reph = [reph] if isinstance(reph, str) else list(reph or [])
+    locality = ()
+    if rec.get("loc"):
+        locality = (Probe(_text(rec["loc"], "loc", where), rec.get("loc_ans") or None),)
+    answers = rec.get("answers") or []
+    return EditRequest(
+        prompt=_text(rec["src"], "src", where),
+        target=_text(rec["alt"], "alt", where),
+        rephrases=tuple(reph),
+        locality=locality,
+        target_true=answers[0] if answers else None,
+    )
+
+
+def _jsonl(rec: dict, where: str) -> EditRequest:
+    _need(rec, ("prompt", "target"), where)
+    probes = []
+    for p in rec.get("locality", ()):
+        if isinstance(p, str):
+            probes.append(Probe(p))
+        else:
+            _need(p, ("prompt",), f"{where} locality probe")
+            probes.append(Probe(_text(p["prompt"], "prompt", where), p.get("answer")))
+    return EditRequest(
+        prompt=_text(rec["prompt"], "prompt", where),
+        target=_text(rec["target"], "target", where),
+        rephrases=tuple(rec.get("rephrases", ())),
+        locality=tuple(probes),
+        target_true=rec.get("target_true"),
+        neighborhood=tuple(rec.get("neighborhood", ())),
+    )
+
+
+def _detect(rec: Any, where: str) -> Callable[[dict, str], EditRequest]:
+    if not isinstance(rec, dict):
+        raise MendError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "requested_rewrite" in rec:
+        return _counterfact_rome
+    if "target_new" in rec:
+        return _counterfact_easyedit
+    if "src" in rec or "alt" in rec:
+        return _zsre
+    if "prompt" in rec and "target" in rec:
+        return _jsonl
+    raise MendError(
+        f"{where}: unrecognised record layout with keys {sorted(rec)[:8]}; expected CounterFact, "
+        "zsRE or mend JSONL (prompt, target)"
+    )
+
+
+def _read_records(path: Path) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MendError(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MendError(f"cannot read data file {path}: {e}") from None
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise MendError(f"{path}: not valid JSON or JSONL ({e})") from None
+
+
+def load_requests(path: str | Path, limit: int | None = None) -> list[EditRequest]:
+    """Read edit requests from any supported file; the layout is detected from the records."""
+    path = Path(path)
+    if path.is_dir():
+        raise MendError(f"data path is a folder, not a file: {path}")
+    records = _read_records(path)
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise MendError(f"{path}: no records")
+    parse = _detect(records[0], f"{path}: record 0")
+    out = []
+    for i, rec in enumerate(records):
+        where = f"{path}: record {i}"
+        req = parse(rec, where)
+        if not req.prompt.strip():
+            raise MendError(f"{where}: empty prompt")
+        if not req.target.strip():
+            raise MendError(f"{where}: empty target")
+        out.append(req)
+    return out

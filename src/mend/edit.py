@@ -1,0 +1,169 @@
+"""The MEND algorithm: loss -> (u, delta) -> editor -> low-rank Delta W -> apply.
+
+An edit is kept as low-rank factors per edited matrix, never as a full gradient:
+    Delta W = sum_i delta~_i u~_i^T  (out, in)      W_new = W - alpha * Delta W
+so the edited layer's output is y - alpha * (x @ u~^T) @ delta~. That form serves two uses:
+`applied()` adds it with forward hooks (functional: weights untouched, gradients reach the
+editor; rows of one batch may even carry different edits), and `edit()` materialises Delta W
+and changes the weights in place, returning a revertible EditResult.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from mend.data.collate import TokenBatch, context_length, make_batch
+from mend.editor.net import Editor
+from mend.errors import MendError
+from mend.grads import capture
+from mend.losses import row_nll
+from mend.models.params import find_editable
+from mend.result import EditResult
+from mend.types import EditRequest
+
+# {weight name: (u~ (G, T, in), delta~ (G, T, out))}: G edit groups of T token slots each;
+# unused slots are zero and contribute nothing.
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def edit_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """The loss whose gradient MEND transforms: each row's mean target NLL, summed over rows.
+
+    Summing (not averaging) over rows keeps each edit's gradient independent of how many
+    edits share the batch.
+    """
+    return row_nll(logits, batch.labels[batch.pos_mask], batch.pos_row, len(batch)).sum()
+
+
+class MendEditor:
+    """Binds a trained Editor to a model and tokenizer.
+
+    Args:
+        model: a causal LM whose edited weights match the editor's names and shapes.
+        tokenizer: its tokenizer.
+        editor: the editor networks.
+    """
+
+    def __init__(self, model, tokenizer, editor: Editor):
+        self.model, self.tokenizer, self.editor = model, tokenizer, editor
+        self.params = find_editable(model, editor.names)
+        for p in self.params:
+            if p.in_out != editor.shapes[p.name]:
+                raise MendError(
+                    f"editor was made for a different model: {p.name} is {p.in_out} "
+                    f"(in, out) here but {editor.shapes[p.name]} in the editor"
+                )
+        self.max_len = context_length(model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].weight.device
+
+    def batch(self, pairs, groups=None) -> TokenBatch:
+        """Tokenise (prompt, target-or-None) pairs for this model."""
+        return make_batch(self.tokenizer, pairs, groups, self.max_len).to(self.device)
+
+    def factors(self, batch: TokenBatch, joint: bool = False) -> Factors:
+        """Editor-transformed gradient factors for the edit rows of `batch`.
+
+        Args:
+            batch: one row per edit (prompt + target).
+            joint: False gives one edit per row (G = rows); True sums all rows into one edit.
+        """
+        captured, _ = capture(self.model, self.params, batch, lambda lg: edit_loss(lg, batch))
+        flat, masks = {}, {}
+        for name, (u, delta) in captured.items():
+            # Tokens that carry no gradient (padding, the last target token) are dropped:
+            # the editor's shift would otherwise turn their zeros into a spurious update.
+            mask = batch.attention_mask.bool() & (delta != 0).any(-1)  # (R, S)
+            flat[name] = (u[mask], delta[mask])
+            masks[name] = mask
+        out = {}
+        for name, (u_t, d_t) in self.editor(flat).items():
+            idx = masks[name].nonzero(as_tuple=True)
+            u, delta = captured[name]
+            u_full = u.new_zeros(u.shape).index_put(idx, u_t)  # (R, S, in)
+            d_full = delta.new_zeros(delta.shape).index_put(idx, d_t)  # (R, S, out)
+            if joint:
+                u_full = u_full.reshape(1, -1, u_full.shape[-1])
+                d_full = d_full.reshape(1, -1, d_full.shape[-1])
+            out[name] = (u_full, d_full)
+        return out
+
+    @contextmanager
+    def applied(self, factors: Factors, row_group: torch.Tensor | None = None) -> Iterator[None]:
+        """Run the model as if edited, without touching its weights.
+
+        Args:
+            factors: from `factors()`.
+            row_group: (R,) edit group of each row of the batch run inside; None means
+                group 0 for every row (a single or joint edit).
+        """
+
+        def make_hook(name: str):
+            u, d = factors[name]
+            alpha = self.editor.alpha(name)
+
+            def hook(module, inputs, output):
+                x = inputs[0].float()  # (R, S, in)
+                if row_group is None:
+                    coef = x @ u[0].T  # (R, S, T)
+                    corr = coef @ d[0]  # (R, S, out)
+                else:
+                    coef = x @ u[row_group].transpose(1, 2)  # (R, S, T)
+                    corr = coef @ d[row_group]  # (R, S, out)
+                return output - (alpha * corr).to(output.dtype)
+
+            return hook
+
+        handles = [
+            p.module.register_forward_hook(make_hook(p.name)) for p in self.params if p.name in factors
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def weight_deltas(self, factors: Factors, group: int = 0) -> dict[str, torch.Tensor]:
+        """Materialise -alpha * Delta W of one group, in each weight's storage layout."""
+        deltas = {}
+        for p in self.params:
+            if p.name not in factors:
+                continue
+            u, d = factors[p.name][0][group], factors[p.name][1][group]  # (T, in), (T, out)
+            dw = u.T @ d if p.transposed else d.T @ u  # Conv1D (in, out) / Linear (out, in)
+            deltas[p.name] = -self.editor.alpha(p.name) * dw
+        return deltas
+
+    def edit(self, requests: list[EditRequest] | EditRequest) -> EditResult:
+        """Apply one edit for all requests together (a batched edit), in place.
+
+        Returns:
+            An EditResult: `revert()` restores the exact weights, `save_pretrained()` and
+            `save_delta()` write the edited model or just the change.
+        """
+        if isinstance(requests, EditRequest):
+            requests = [requests]
+        if not requests:
+            raise MendError("no edit requests given")
+        start = time.perf_counter()
+        batch = self.batch([(r.prompt, r.target) for r in requests])
+        was_training = self.editor.training
+        self.editor.eval()
+        try:
+            with torch.no_grad():
+                factors = self.factors(batch, joint=True)
+                deltas = self.weight_deltas(factors)
+        finally:
+            self.editor.train(was_training)
+        bad = [n for n, d in deltas.items() if not torch.isfinite(d).all()]
+        if bad:
+            raise MendError(f"the edit is not finite at {bad[0]} (weights left unchanged)")
+        result = EditResult(self.model, self.params, deltas, 0.0)
+        result.seconds = time.perf_counter() - start
+        return result

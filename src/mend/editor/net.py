@@ -1,0 +1,128 @@
+"""Editor networks g: (u, delta) per token -> transformed (u~, delta~) (MEND_SPEC section 3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mend.config import EditorConfig
+from mend.editor.norm import RunningNorm
+
+
+class LowRankBlock(nn.Module):
+    """Residual low-rank block, the identity at initialisation.
+
+    out = z + s_l * U relu(V z + b) + o_l, with U zero-initialised and FiLM scale/shift
+    (s_l, o_l) per edited matrix l, initialised to 1 and 0. The spec's literal form,
+    z + relu(s_l (U V z + b) + o_l), starts with every pre-activation at exactly 0, where
+    relu's gradient is 0, so nothing would ever train; this form has the same identity
+    start and a live gradient into U from the first step.
+    """
+
+    def __init__(self, dim: int, rank: int, n_layers: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank)  # V, b
+        self.up = nn.Linear(rank, dim, bias=False)  # U
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        self.scale = nn.Parameter(torch.ones(n_layers, dim))
+        self.shift = nn.Parameter(torch.zeros(n_layers, dim))
+
+    def forward(self, z: torch.Tensor, layer_ids: torch.Tensor) -> torch.Tensor:
+        """z (N, dim), layer_ids (N,) -> (N, dim)."""
+        h = self.up(torch.relu(self.down(z)))
+        return z + self.scale[layer_ids] * h + self.shift[layer_ids]
+
+
+class EditorNet(nn.Module):
+    """One editor for all edited matrices of one (in, out) shape."""
+
+    def __init__(self, d_in: int, d_out: int, n_layers: int, cfg: EditorConfig):
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        dim = d_in + d_out
+        rank = min(cfg.rank, dim)
+        self.norm_u = RunningNorm(n_layers, d_in)
+        self.norm_d = RunningNorm(n_layers, d_out)
+        self.blocks = nn.ModuleList(LowRankBlock(dim, rank, n_layers) for _ in range(cfg.n_blocks))
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, layer_ids: torch.Tensor):
+        """u (N, in), delta (N, out), layer_ids (N,) -> (u~ (N, in), delta~ (N, out)).
+
+        The outputs stay in normalised space: alpha absorbs the overall scale.
+        """
+        z = torch.cat([self.norm_u(u, layer_ids), self.norm_d(delta, layer_ids)], dim=-1)
+        for block in self.blocks:
+            z = block(z, layer_ids)
+        return z[:, : self.d_in], z[:, self.d_in :]
+
+
+class Editor(nn.Module):
+    """All editor networks for one model, plus the learned step size of every edited matrix.
+
+    Args:
+        shapes: ordered {weight name: (in_features, out_features)} of the edited matrices.
+        cfg: the editor configuration.
+
+    The step size is stored as log(alpha): Adam then moves it by a relative amount, so it
+    can neither collapse to zero nor change sign (a failure seen in other implementations).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], cfg: EditorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.names = list(self.shapes)
+        # Which net each matrix uses, and its index among that net's matrices (for FiLM).
+        self.net_key: dict[str, str] = {}
+        self.layer_index: dict[str, int] = {}
+        members: dict[str, list[str]] = {}
+        for i, (name, (d_in, d_out)) in enumerate(self.shapes.items()):
+            key = f"{d_in}x{d_out}" if cfg.share else f"m{i}"
+            self.net_key[name] = key
+            self.layer_index[name] = len(members.setdefault(key, []))
+            members[key].append(name)
+        self.nets = nn.ModuleDict(
+            {
+                key: EditorNet(*self.shapes[names[0]], len(names), cfg)
+                for key, names in members.items()
+            }
+        )
+        self.members = members
+        self.log_alpha = nn.Parameter(torch.full((len(self.names),), math.log(cfg.init_alpha)))
+
+    def alpha(self, name: str) -> torch.Tensor:
+        return self.log_alpha[self.names.index(name)].exp()
+
+    def forward(
+        self, captured: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Transform token pairs of every edited matrix in one batched call per net.
+
+        Args:
+            captured: {name: (u (N_name, in), delta (N_name, out))} in fp32.
+
+        Returns:
+            {name: (u~ (N_name, in), delta~ (N_name, out))}.
+        """
+        out = {}
+        for key, names in self.members.items():
+            present = [n for n in names if n in captured]
+            if not present:
+                continue
+            us = torch.cat([captured[n][0] for n in present])
+            ds = torch.cat([captured[n][1] for n in present])
+            ids = torch.cat(
+                [
+                    torch.full((captured[n][0].shape[0],), self.layer_index[n], dtype=torch.long)
+                    for n in present
+                ]
+            ).to(us.device)
+            u_t, d_t = self.nets[key](us, ds, ids)
+            sizes = [captured[n][0].shape[0] for n in present]
+            for n, u_n, d_n in zip(present, u_t.split(sizes), d_t.split(sizes), strict=True):
+                out[n] = (u_n, d_n)
+        return out

@@ -1,0 +1,59 @@
+"""Capture (u, delta) at every edited weight: the layer inputs and the loss gradient at its outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from mend.models.forward import scored_logits
+from mend.models.params import EditableParam
+
+
+@contextmanager
+def _recording(params: list[EditableParam]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Forward hooks storing (input, output) per edited module; always removed on exit."""
+    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            if not output.requires_grad:
+                # The base model is frozen: start the autograd graph here, so the backward
+                # pass stops at the lowest edited layer instead of running through the model.
+                output = output.detach().requires_grad_(True)
+            store[name] = (inputs[0].detach(), output)
+            return output
+
+        return hook
+
+    handles = [p.module.register_forward_hook(make_hook(p.name)) for p in params]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture(
+    model,
+    params: list[EditableParam],
+    batch,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Run the model on batch, take loss_fn(scored logits) and its gradient at each edited output.
+
+    Returns:
+        ({name: (u (R, S, in), delta (R, S, out))} in fp32 and detached, the loss).
+        The weight gradient of a Linear is then sum over tokens of delta_i u_i^T.
+    """
+    with torch.enable_grad(), _recording(params) as store:
+        loss = loss_fn(scored_logits(model, batch))
+        outs = [store[p.name][1] for p in params]
+        deltas = torch.autograd.grad(loss, outs, allow_unused=True)
+    result = {}
+    for p, out, delta in zip(params, outs, deltas, strict=True):
+        if delta is None:  # the module does not influence the loss
+            delta = torch.zeros_like(out)
+        result[p.name] = (store[p.name][0].float(), delta.float())
+    return result, loss.detach()

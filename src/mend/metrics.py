@@ -1,0 +1,32 @@
+"""Edit metrics: pure functions of logits at scored positions (MEND_SPEC section 6)."""
+
+from __future__ import annotations
+
+import torch
+
+from mend.data.collate import IGNORE
+from mend.losses import row_mean, token_nll
+
+
+def _rows_all(flags: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """True for rows where every flagged position (P,) is True."""
+    bad = torch.zeros(n_rows, dtype=torch.long, device=flags.device)
+    bad.index_add_(0, rows, (~flags).long())
+    return bad == 0
+
+
+def all_correct(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_rows: int):
+    """(n_rows,) bool: every target token of the row is the argmax (teacher-forced)."""
+    ok = (logits.argmax(-1) == labels) | (labels == IGNORE)
+    return _rows_all(ok, rows, n_rows)
+
+
+def argmax_unchanged(base_logits: torch.Tensor, edited_logits: torch.Tensor, rows, n_rows: int):
+    """(n_rows,) bool: the edit left every scored prediction of the row unchanged."""
+    return _rows_all(base_logits.argmax(-1) == edited_logits.argmax(-1), rows, n_rows)
+
+
+def mean_logprob(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_rows: int):
+    """(n_rows,) mean log-probability of each row's target tokens (ROME's comparison unit)."""
+    means, _ = row_mean(-token_nll(logits, labels), rows, labels != IGNORE, n_rows)
+    return means

