@@ -75,6 +75,7 @@ class TrainConfig:
     val_edits: int = 64
     patience: int = 8  # validations without improvement before early stopping
     warmup_steps: int = 50
+    cosine: bool = False  # cosine-decay the learning rates to 10% at max_steps
     seed: int = 0
 
     def __post_init__(self):

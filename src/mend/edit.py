@@ -121,7 +121,9 @@ class MendEditor:
             return hook
 
         handles = [
-            p.module.register_forward_hook(make_hook(p.name)) for p in self.params if p.name in factors
+            p.module.register_forward_hook(make_hook(p.name))
+            for p in self.params
+            if p.name in factors
         ]
         try:
             yield

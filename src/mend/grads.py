@@ -12,7 +12,9 @@ from mend.models.params import EditableParam
 
 
 @contextmanager
-def _recording(params: list[EditableParam]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def _recording(
+    params: list[EditableParam],
+) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Forward hooks storing (input, output) per edited module; always removed on exit."""
     store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

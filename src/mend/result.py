@@ -39,7 +39,9 @@ class EditResult:
         seconds: wall time of the edit.
     """
 
-    def __init__(self, model, params: list[EditableParam], deltas: dict[str, torch.Tensor], seconds: float):
+    def __init__(
+        self, model, params: list[EditableParam], deltas: dict[str, torch.Tensor], seconds: float
+    ):
         self.model = model
         self.deltas = deltas
         self.seconds = seconds
@@ -103,7 +105,9 @@ def apply_delta(model, path: str | Path) -> EditResult:
     params = find_editable(model, names)
     for p in params:
         if tuple(tensors[p.name + ".weight"].shape) != tuple(p.weight.shape):
-            raise MendError(f"delta for {p.name} has shape {tuple(tensors[p.name + '.weight'].shape)}, weight has {tuple(p.weight.shape)}")
+            raise MendError(
+                f"delta for {p.name} has shape {tuple(tensors[p.name + '.weight'].shape)}, weight has {tuple(p.weight.shape)}"
+            )
     return EditResult(model, params, {n: tensors[n + ".weight"] for n in names}, 0.0)
 
 

@@ -123,3 +123,16 @@ def make_batch(
             labels[r, n_prompt - 1 : len(ids) - 1] = torch.tensor(ids[n_prompt:])
     group = torch.tensor(groups if groups is not None else list(range(n)), dtype=torch.long)
     return TokenBatch(input_ids, attention, pos_mask, labels, group)
+
+
+def check_requests(tokenizer, requests, max_len: int) -> None:
+    """Tokenise every prompt, target and probe once, so bad records fail before any work starts."""
+    for i, r in enumerate(requests):
+        try:
+            encode(tokenizer, r.prompt, r.target, max_len)
+            for p in r.rephrases:
+                encode(tokenizer, p, r.target, max_len)
+            for probe in r.locality:
+                encode(tokenizer, probe.prompt, probe.answer, max_len)
+        except MendError as e:
+            raise MendError(f"record {i}: {e}") from None

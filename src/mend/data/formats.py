@@ -11,12 +11,15 @@ A locality probe without "answer" checks the next-token prediction after its pro
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mend.errors import MendError
 from mend.types import EditRequest, Probe
+
+log = logging.getLogger(__name__)
 
 
 def _need(rec: dict, keys: tuple[str, ...], where: str) -> None:
@@ -69,8 +72,10 @@ def _counterfact_rome(rec: dict, where: str) -> EditRequest:
     )
 
 
-def _zsre(rec: dict, where: str) -> EditRequest:
+def _zsre(rec: dict, where: str) -> EditRequest | None:
     _need(rec, ("src", "alt"), where)
+    if isinstance(rec["alt"], str) and not rec["alt"].strip():
+        return None  # the public MEND zsRE train split has a few records with no new answer
     reph = rec.get("rephrase")
     reph = [reph] if isinstance(reph, str) else list(reph or [])
     locality = ()
@@ -95,10 +100,11 @@ def _jsonl(rec: dict, where: str) -> EditRequest:
         else:
             _need(p, ("prompt",), f"{where} locality probe")
             probes.append(Probe(_text(p["prompt"], "prompt", where), p.get("answer")))
+    reph = rec.get("rephrases", ())
     return EditRequest(
         prompt=_text(rec["prompt"], "prompt", where),
         target=_text(rec["target"], "target", where),
-        rephrases=tuple(rec.get("rephrases", ())),
+        rephrases=(reph,) if isinstance(reph, str) else tuple(reph),
         locality=tuple(probes),
         target_true=rec.get("target_true"),
         neighborhood=tuple(rec.get("neighborhood", ())),
@@ -144,18 +150,26 @@ def load_requests(path: str | Path, limit: int | None = None) -> list[EditReques
     if path.is_dir():
         raise MendError(f"data path is a folder, not a file: {path}")
     records = _read_records(path)
-    if limit is not None:
-        records = records[:limit]
-    if not records:
+    if not records or limit == 0:
         raise MendError(f"{path}: no records")
     parse = _detect(records[0], f"{path}: record 0")
-    out = []
+    out, skipped = [], []
     for i, rec in enumerate(records):
+        if limit is not None and len(out) >= limit:
+            break
         where = f"{path}: record {i}"
         req = parse(rec, where)
+        if req is None:
+            skipped.append(i)
+            continue
         if not req.prompt.strip():
             raise MendError(f"{where}: empty prompt")
         if not req.target.strip():
             raise MendError(f"{where}: empty target")
         out.append(req)
+    if skipped:
+        log.warning("%s: skipped %d zsRE records with an empty 'alt' (records %s)",
+                    path, len(skipped), ", ".join(map(str, skipped[:10])))  # fmt: skip
+    if not out:
+        raise MendError(f"{path}: no usable records")
     return out

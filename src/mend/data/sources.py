@@ -14,7 +14,10 @@ KNOWN: dict[str, tuple[str, str | None]] = {
     "counterfact-train": ("counterfact/counterfact-train.json", None),
     "counterfact-val": ("counterfact/counterfact-val.json", None),
     # The full CounterFact in ROME's layout, the public fallback when the EasyEdit split is absent.
-    "counterfact": ("counterfact/counterfact.json", "https://rome.baulab.info/data/dsets/counterfact.json"),
+    "counterfact": (
+        "counterfact/counterfact.json",
+        "https://rome.baulab.info/data/dsets/counterfact.json",
+    ),
     "zsre-train": ("zsre/zsre_mend_train-1k.json", None),
     "zsre-eval": (
         "zsre/zsre_mend_eval_portability_gpt4.json",

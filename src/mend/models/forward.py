@@ -16,3 +16,16 @@ def scored_logits(model, batch) -> torch.Tensor:
     )
     hidden = out.last_hidden_state[batch.pos_mask]  # (P, hidden)
     return model.get_output_embeddings()(hidden).float()
+
+
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
+    """The model's greedy continuation of prompt (new text only)."""
+    ids = tokenizer(prompt.rstrip(), return_tensors="pt").to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -59,7 +59,9 @@ def find_editable(model, names: tuple[str, ...] | list[str] = ()) -> list[Editab
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise MendError(f"unknown weight name {raw!r}: the model has no module {name!r}") from None
+            raise MendError(
+                f"unknown weight name {raw!r}: the model has no module {name!r}"
+            ) from None
         if isinstance(module, Conv1D):
             transposed = True
         elif isinstance(module, nn.Linear):

@@ -1,0 +1,188 @@
+"""`mend train | eval | edit | demo`: argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mend.errors import MendError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias, local folder or hub id")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mend", description="Train MEND editors and edit models.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train an editor network")
+    _common(t)
+    t.add_argument("--data", required=True, help="training edits (file or known data set name)")
+    t.add_argument("--val", help="validation edits; default: held out from --data")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--max-steps", type=int, default=2000)
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    t.add_argument("--rank", type=int, default=1920)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--batch-size", type=int, default=4, help="edits per step")
+    t.add_argument("--grad-accum", type=int, default=2)
+    t.add_argument("--val-every", type=int, default=100)
+    t.add_argument("--val-edits", type=int, default=64)
+    t.add_argument("--c-loc", type=float, default=1.0)
+    t.add_argument("--c-edit", type=float, default=0.1)
+    t.add_argument("--loc-per-edit", type=int, default=4, help="extra locality inputs per edit")
+    t.add_argument("--cosine", action="store_true", help="cosine-decay lr to 10%% at --max-steps")
+    t.add_argument(
+        "--edit-modules",
+        nargs="+",
+        default=(),
+        help="weights to edit (default: MLPs of the last 3 blocks)",
+    )
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    e = sub.add_parser("eval", help="evaluate an editor (or a baseline) on a data set")
+    _common(e)
+    e.add_argument("--editor", required=True, help="editor checkpoint folder")
+    e.add_argument("--data", required=True)
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=1, help="edits applied together")
+    e.add_argument("--out", required=True, help="report JSON path")
+
+    d = sub.add_parser("edit", help="edit one fact and show the answer before and after")
+    _common(d)
+    d.add_argument("--editor", required=True)
+    d.add_argument("--prompt", required=True)
+    d.add_argument("--target", required=True)
+    d.add_argument("--max-new-tokens", type=int, default=8)
+    d.add_argument("--save-model", help="save the edited model to this folder")
+    d.add_argument("--save-delta", help="save only the weight change (safetensors)")
+
+    m = sub.add_parser("demo", help="train a small editor on CounterFact, then edit and score")
+    _common(m)
+    m.add_argument("--minutes", type=float, default=6.0)
+    m.add_argument("--out", default="runs/demo")
+    m.add_argument("--eval-limit", type=int, default=50)
+    return ap
+
+
+def _load(args):
+    import torch
+
+    from mend.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def _load_data(name: str, tokenizer, model, limit: int | None = None):
+    from mend.data import load_checked
+    from mend.data.collate import context_length
+
+    return load_checked(name, tokenizer, context_length(model), limit)
+
+
+def cmd_train(args) -> int:
+    from mend.config import EditorConfig, TrainConfig
+    from mend.train import train
+
+    cfg = TrainConfig(
+        editor=EditorConfig(rank=args.rank, edit_modules=tuple(args.edit_modules)),
+        lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
+        val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, seed=args.seed,
+        loc_per_edit=args.loc_per_edit, cosine=args.cosine,
+    )  # fmt: skip
+    model, tok = _load(args)
+    data = _load_data(args.data, tok, model)
+    if args.val:
+        val = _load_data(args.val, tok, model)
+    else:
+        if len(data) < 2:
+            raise MendError("need at least 2 records to hold some out for validation")
+        n_val = min(cfg.val_edits, max(1, len(data) // 10))
+        data, val = data[:-n_val], data[-n_val:]
+    summary = train(model, tok, data, val, cfg, args.out, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _mend_editor(args, model, tok):
+    from mend.checkpoint import load_editor
+    from mend.edit import MendEditor
+
+    return MendEditor(model, tok, load_editor(args.editor, model))
+
+
+def cmd_eval(args) -> int:
+    from mend.evaluate import evaluate, format_report
+    from mend.result import write_json
+
+    if args.limit is not None and args.limit < 1:
+        raise MendError("--limit must be >= 1")
+    if args.batch_size < 1:
+        raise MendError("--batch-size must be >= 1")
+    model, tok = _load(args)
+    method = _mend_editor(args, model, tok)
+    data = _load_data(args.data, tok, model, args.limit)
+    report = evaluate(model, tok, method, data, batch_size=args.batch_size)
+    report |= {"model": args.model, "editor": args.editor, "data": args.data}
+    write_json(args.out, report)
+    print(format_report(report))
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from mend.data.collate import context_length, encode
+    from mend.models.forward import greedy
+    from mend.types import EditRequest
+
+    model, tok = _load(args)
+    method = _mend_editor(args, model, tok)
+    encode(tok, args.prompt, args.target, context_length(model))
+    before = greedy(model, tok, args.prompt, args.max_new_tokens)
+    result = method.edit([EditRequest(args.prompt, args.target)])
+    after = greedy(model, tok, args.prompt, args.max_new_tokens)
+    print(f"prompt: {args.prompt}")
+    print(f"before: {before!r}")
+    print(f"after:  {after!r}")
+    print(f"edit took {result.seconds * 1000:.1f} ms")
+    if args.save_model:
+        result.save_pretrained(args.save_model, tok)
+        print(f"saved edited model to {args.save_model}")
+    if args.save_delta:
+        result.save_delta(args.save_delta)
+        print(f"saved weight delta to {args.save_delta}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mend.demo import run_demo
+
+    model, tok = _load(args)
+    run_demo(model, tok, Path(args.out), args.minutes, args.eval_limit)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    handler = {"train": cmd_train, "eval": cmd_eval, "edit": cmd_edit, "demo": cmd_demo}[args.cmd]
+    try:
+        return handler(args)
+    except MendError as e:
+        print(f"mend: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

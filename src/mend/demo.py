@@ -1,0 +1,50 @@
+"""The main job on the embedded default: train briefly on CounterFact, then edit and score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mend.checkpoint import load_editor
+from mend.config import EditorConfig, TrainConfig
+from mend.data import load_checked
+from mend.data.collate import context_length
+from mend.edit import MendEditor
+from mend.evaluate import evaluate, format_report
+from mend.models.forward import greedy
+from mend.result import write_json
+from mend.train import train
+
+SHOWCASE = 5
+
+
+def run_demo(model, tokenizer, out: Path, minutes: float, eval_limit: int) -> dict:
+    """Train for `minutes`, evaluate on `eval_limit` held-out CounterFact edits, show a few."""
+    max_len = context_length(model)
+    train_data = load_checked("counterfact-train", tokenizer, max_len)
+    val_data = load_checked("counterfact-val", tokenizer, max_len)
+    val, test = val_data[:32], val_data[-eval_limit:]
+    cfg = TrainConfig(editor=EditorConfig(), minutes=minutes, max_steps=100_000, val_every=50,
+                      val_edits=len(val), patience=1000)  # fmt: skip
+    print(f"training an editor for {minutes:g} minutes on {len(train_data)} CounterFact edits")
+    summary = train(model, tokenizer, train_data, val, cfg, out)
+    print(f"trained {summary['steps']} steps; best validation loss {summary['best_val_loss']:.4f}")
+
+    editor = MendEditor(model, tokenizer, load_editor(out, model))
+    print(f"\nediting {SHOWCASE} held-out facts, one at a time:")
+    for req in test[:SHOWCASE]:
+        before = greedy(model, tokenizer, req.prompt)
+        result = editor.edit([req])
+        after = greedy(model, tokenizer, req.prompt)
+        para = greedy(model, tokenizer, req.rephrases[0]) if req.rephrases else ""
+        result.revert()
+        print(
+            f"- {req.prompt!r} -> {req.target!r} (was {req.target_true!r}; {result.seconds * 1000:.0f} ms)"
+        )
+        print(f"    before: {before!r}\n    after:  {after!r}")
+        if para:
+            print(f"    paraphrase {req.rephrases[0]!r}: {para!r}")
+    print(f"\nscoring {len(test)} held-out edits:")
+    report = evaluate(model, tokenizer, editor, test)
+    write_json(out / "demo_report.json", report)
+    print(format_report(report))
+    return report

@@ -1,0 +1,138 @@
+"""Score any editing method over a data set: accuracies, CounterFact scores, edit time."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from mend.data.collate import context_length, make_batch
+from mend.metrics import all_correct, argmax_unchanged, mean_logprob
+from mend.models.forward import scored_logits
+from mend.result import EditResult
+from mend.types import EditRequest
+
+
+class EditMethod(Protocol):
+    """Anything that applies a batch of edits in place and returns a revertible result."""
+
+    def edit(self, requests: list[EditRequest]) -> EditResult: ...
+
+
+REWRITE, REPHRASE, LOCALITY, OTHER = "rewrite_acc", "rephrase_acc", "locality_acc", "other"
+
+
+def _probe_rows(reqs: list[EditRequest]):
+    """Every probe of the given edits.
+
+    Returns:
+        (pairs, kinds, comparisons): the (prompt, target) rows, what each row scores, and the
+        CounterFact comparisons as (metric, row that should be likelier, row it is compared to).
+    """
+    pairs, kinds, comparisons = [], [], []
+
+    def add(prompt, target, kind) -> int:
+        pairs.append((prompt, target))
+        kinds.append(kind)
+        return len(pairs) - 1
+
+    for r in reqs:
+        rewrite = add(r.prompt, r.target, REWRITE)
+        rephrase = [add(p, r.target, REPHRASE) for p in r.rephrases]
+        for probe in r.locality:
+            add(probe.prompt, probe.answer, LOCALITY)
+        if r.target_true:
+            comparisons.append(("efficacy_score", rewrite, add(r.prompt, r.target_true, OTHER)))
+            for p, new in zip(r.rephrases, rephrase, strict=True):
+                comparisons.append(("paraphrase_score", new, add(p, r.target_true, OTHER)))
+            for p in r.neighborhood:
+                true = add(p, r.target_true, OTHER)
+                comparisons.append(("neighborhood_score", true, add(p, r.target, OTHER)))
+    return pairs, kinds, comparisons
+
+
+def _score(logits, batch, kinds, comparisons, base_logits=None) -> dict[str, list[float]]:
+    """Per-metric lists of 0/1 outcomes for one forward pass of the probe batch."""
+    rows = batch.pos_row
+    labels = batch.labels[batch.pos_mask]
+    n = len(batch)
+    correct = all_correct(logits, labels, rows, n).tolist()
+    logp = mean_logprob(logits, labels, rows, n).tolist()
+    unchanged = [True] * n
+    if base_logits is not None:
+        unchanged = argmax_unchanged(base_logits, logits, rows, n).tolist()
+    out = defaultdict(list)
+    for r, kind in enumerate(kinds):
+        if kind in (REWRITE, REPHRASE):
+            out[kind].append(float(correct[r]))
+        elif kind == LOCALITY:
+            out[kind].append(float(unchanged[r]))
+    for metric, win, lose in comparisons:
+        out[metric].append(float(logp[win] > logp[lose]))
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def evaluate(
+    model,
+    tokenizer,
+    method: EditMethod,
+    requests: list[EditRequest],
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Edit `batch_size` requests at a time, score before and after, revert, repeat.
+
+    Returns:
+        {"n_edits", "rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score",
+         "paraphrase_score", "neighborhood_score", "edit_seconds_median", "pre": {...}}.
+        Accuracies are means over probes; a metric with no probes is None.
+    """
+    max_len = context_length(model)
+    device = next(model.parameters()).device
+    post, pre, seconds = defaultdict(list), defaultdict(list), []
+    chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    for chunk in tqdm(chunks, desc="eval", disable=not progress):
+        pairs, kinds, comparisons = _probe_rows(chunk)
+        batch = make_batch(tokenizer, pairs, max_len=max_len).to(device)
+        with torch.no_grad():
+            base = scored_logits(model, batch)
+        result = method.edit(chunk)
+        try:
+            with torch.no_grad():
+                edited = scored_logits(model, batch)
+        finally:
+            result.revert()
+        seconds.append(result.seconds)
+        for k, v in _score(base, batch, kinds, comparisons).items():
+            pre[k].extend(v)
+        for k, v in _score(edited, batch, kinds, comparisons, base).items():
+            post[k].extend(v)
+    report = {"n_edits": len(requests), "batch_size": batch_size}
+    report |= {k: _mean(post[k]) for k in METRICS}
+    report["edit_seconds_median"] = statistics.median(seconds) if seconds else None
+    report["edit_seconds_mean"] = statistics.fmean(seconds) if seconds else None
+    report["pre"] = {k: _mean(pre[k]) for k in METRICS}
+    return report
+
+
+METRICS = ["rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score", "paraphrase_score",
+           "neighborhood_score"]  # fmt: skip
+
+
+def format_report(report: dict) -> str:
+    """A small text table: unedited vs edited, per metric."""
+    lines = [f"{'metric':<20}{'unedited':>10}{'edited':>10}"]
+    for k in METRICS:
+        pre, post = report["pre"].get(k), report.get(k)
+        if post is not None:
+            lines.append(f"{k:<20}{pre:>10.3f}{post:>10.3f}")
+    lines.append(f"{'edits':<20}{report['n_edits']:>20}")
+    lines.append(f"{'edit seconds (med)':<20}{report['edit_seconds_median']:>20.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""The training loop: one readable function, with validation, best checkpoint, early stop, resume.
+
+Each step edits `batch_size` independent facts side by side (every row of the batch carries its
+own low-rank edit, see edit.py), so a step costs three batched forward passes of the base model:
+the edit inputs (with backward through the edited blocks), the paraphrases and locality inputs
+under their edits, and the locality inputs under the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mend.checkpoint import (
+    load_editor,
+    load_train_state,
+    model_identity,
+    save_editor,
+    save_train_state,
+)
+from mend.config import TrainConfig
+from mend.edit import MendEditor
+from mend.editor.net import Editor
+from mend.errors import MendError
+from mend.losses import kl_base_edited, masked_nll
+from mend.metrics import all_correct, argmax_unchanged
+from mend.models.forward import scored_logits
+from mend.models.params import find_editable
+from mend.types import EditRequest, Probe
+
+log = logging.getLogger(__name__)
+LAST = "last"  # sub-folder with the latest state, for --resume
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class StepRows:
+    """The paraphrase and locality rows of one step, each tagged with its edit's index."""
+
+    gen: list[tuple[str, str]]
+    gen_group: list[int]
+    gen_is_prompt: list[bool]
+    loc: list[tuple[str, str | None]]
+    loc_group: list[int]
+    loc_own: list[bool]  # the edit's own probe (scored for locality accuracy)
+
+
+def _probe_from(req: EditRequest) -> Probe:
+    """Another record used as a locality input: its prompt, with its true answer if known."""
+    return Probe(req.prompt, req.target_true)
+
+
+def relation_key(prompt: str) -> str:
+    """The last two words of a prompt: a cheap stand-in for its relation ("located in")."""
+    return " ".join(prompt.lower().split()[-2:])
+
+
+def similar_index(pool: list[EditRequest]) -> dict[str, list[int]]:
+    """Records grouped by relation_key: hard locality inputs (same relation, other subject)."""
+    index: dict[str, list[int]] = {}
+    for i, r in enumerate(pool):
+        index.setdefault(relation_key(r.prompt), []).append(i)
+    return index
+
+
+def build_rows(
+    reqs: list[EditRequest],
+    pool: list[EditRequest],
+    cfg: TrainConfig,
+    rng: random.Random | None,
+    similar: dict[str, list[int]] | None = None,
+) -> StepRows:
+    """Paraphrase rows (generalisation) and locality rows for a set of edits.
+
+    With an rng (training) one paraphrase is sampled per edit and `loc_per_edit` extra locality
+    inputs are drawn from other records, half of them (when `similar` is given) from records
+    that end like this one: the same relation about another subject, the inputs an edit most
+    easily spills onto. Without an rng (validation) every paraphrase is used and a record with
+    no locality probe borrows the next record of the pool.
+    """
+    rows = StepRows([], [], [], [], [], [])
+    for i, r in enumerate(reqs):
+        prompts = [r.prompt] if (cfg.edit_loss_on_prompt or not r.rephrases or rng is None) else []
+        reph = list(r.rephrases)
+        if rng is not None and reph:
+            reph = [rng.choice(reph)]
+        for p in prompts + reph:
+            rows.gen.append((p, r.target))
+            rows.gen_group.append(i)
+            rows.gen_is_prompt.append(p == r.prompt and p not in reph)
+        own = list(r.locality)
+        if not own and rng is None:
+            own = [_probe_from(pool[(pool.index(r) + 1) % len(pool)])] if r in pool else []
+        extra = []
+        if rng is not None:
+            n_hard = cfg.loc_per_edit // 2 if similar else 0
+            near = similar.get(relation_key(r.prompt), []) if similar else []
+            picks = [rng.choice(near) for _ in range(n_hard) if len(near) > 1]
+            picks += [rng.randrange(len(pool)) for _ in range(cfg.loc_per_edit - len(picks))]
+            extra = [_probe_from(pool[j]) for j in picks]
+            extra = [p for p in extra if p.prompt != r.prompt]
+        for j, probe in enumerate(own + extra):
+            rows.loc.append((probe.prompt, probe.answer))
+            rows.loc_group.append(i)
+            rows.loc_own.append(j < len(own))
+    return rows
+
+
+def edit_step(me: MendEditor, reqs: list[EditRequest], rows: StepRows, cfg: TrainConfig):
+    """Losses (and accuracies) of editing each of reqs independently.
+
+    Returns:
+        (loss with graph into the editor, dict of float statistics).
+    """
+    model = me.model
+    factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), joint=False)
+    n_gen = len(rows.gen)
+    both = me.batch(rows.gen + rows.loc, rows.gen_group + rows.loc_group)
+    loc = me.batch(rows.loc, rows.loc_group) if rows.loc else None
+    with me.applied(factors, both.group):
+        logits = scored_logits(model, both)  # (P_gen + P_loc, V)
+    rows_of = both.pos_row
+    labels = both.labels[both.pos_mask]
+    gen_pos = rows_of < n_gen
+    l_edit = masked_nll(logits[gen_pos], labels[gen_pos], rows_of[gen_pos], n_gen)
+    gen_ok = all_correct(logits[gen_pos], labels[gen_pos], rows_of[gen_pos], n_gen)
+    stats = {"l_edit": l_edit.item()}
+    is_prompt = torch.tensor(rows.gen_is_prompt, device=gen_ok.device)
+    if is_prompt.any():
+        stats["rewrite_acc"] = gen_ok[is_prompt].float().mean().item()
+    if (~is_prompt).any():
+        stats["rephrase_acc"] = gen_ok[~is_prompt].float().mean().item()
+    l_loc = logits.sum() * 0
+    if loc is not None:
+        with torch.no_grad():
+            base = scored_logits(model, loc)
+        edited = logits[~gen_pos]
+        l_loc = kl_base_edited(base, edited)
+        n_loc = len(rows.loc)
+        same = argmax_unchanged(base, edited, rows_of[~gen_pos] - n_gen, n_loc)
+        own = torch.tensor(rows.loc_own, device=same.device)
+        if own.any():
+            stats["locality_acc"] = same[own].float().mean().item()
+        stats["l_loc"] = l_loc.item()
+    loss = cfg.c_edit * l_edit + cfg.c_loc * l_loc
+    stats["loss"] = loss.item()
+    return loss, stats
+
+
+def validate(me: MendEditor, val: list[EditRequest], cfg: TrainConfig) -> dict[str, float]:
+    """Mean losses and accuracies over the validation edits (editor frozen, stats fixed)."""
+    me.editor.eval()
+    totals: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for i in range(0, len(val), cfg.batch_size):
+            reqs = val[i : i + cfg.batch_size]
+            _, stats = edit_step(me, reqs, build_rows(reqs, val, cfg, None), cfg)
+            for k, v in stats.items():
+                totals.setdefault(k, []).append(v * len(reqs))
+    me.editor.train()
+    return {k: sum(v) / len(val) for k, v in totals.items()}
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then (if cfg.cosine) a cosine decay to 10% at max_steps.
+
+    A pure function of the step, so a resumed run follows the same schedule.
+    """
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if not cfg.cosine:
+        return warm
+    progress = min(1.0, step / cfg.max_steps)
+    return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _write_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be rewritten)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(
+    model,
+    tokenizer,
+    train_data: list[EditRequest],
+    val_data: list[EditRequest],
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train an editor for `model`; writes checkpoints, log and plot into `out`.
+
+    Returns:
+        A summary: steps run, best validation loss and its metrics, why training stopped.
+    """
+    out = Path(out)
+    if not train_data:
+        raise MendError("no training edits")
+    if not val_data:
+        raise MendError("no validation edits")
+    model.requires_grad_(False)
+    model.eval()
+    names = [p.name for p in find_editable(model, cfg.editor.edit_modules)]
+    identity = model_identity(model, names)
+    log_path = out / LOG_FILE
+
+    if resume:
+        editor = load_editor(out / LAST, model)
+        state = load_train_state(out / LAST)
+        if TrainConfig.from_dict(state["config"]) != cfg:
+            log.warning("resuming with a different configuration than the checkpoint's")
+        _truncate_log(log_path, state["step"])
+    else:
+        torch.manual_seed(cfg.seed)
+        editor = Editor(identity["params"], cfg.editor)
+        state = {"step": 0, "best": float("inf"), "bad": 0, "elapsed": 0.0, "skipped": 0}
+        out.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+    editor.to(next(model.parameters()).device).train()
+    me = MendEditor(model, tokenizer, editor)
+    nets = [p for n, p in editor.named_parameters() if n != "log_alpha"]
+    opt = torch.optim.Adam(
+        [{"params": nets, "lr": cfg.lr}, {"params": [editor.log_alpha], "lr": cfg.alpha_lr}]
+    )
+    if resume:
+        opt.load_state_dict(state["optimizer"])
+    base_lrs = [cfg.lr, cfg.alpha_lr]
+    val_data = val_data[: cfg.val_edits]
+    similar = similar_index(train_data)
+
+    def checkpoint(folder: Path, extra: dict | None = None) -> None:
+        save_editor(folder, editor, identity, extra)
+
+    def save_last() -> None:
+        checkpoint(out / LAST)
+        save_train_state(
+            out / LAST, state | {"optimizer": opt.state_dict(), "config": cfg.to_dict()}
+        )
+
+    stop_reason = "max_steps"
+    start = time.perf_counter() - state["elapsed"]
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not progress, desc="train")
+    while state["step"] < cfg.max_steps:
+        step = state["step"]
+        for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = lr * lr_factor(step, cfg)
+        # Data order depends only on (seed, step): a resumed run sees the same batches.
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        opt.zero_grad(set_to_none=True)
+        agg: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            reqs = rng.sample(train_data, min(cfg.batch_size, len(train_data)))
+            loss, stats = edit_step(me, reqs, build_rows(reqs, train_data, cfg, rng, similar), cfg)
+            (loss / cfg.grad_accum).backward()
+            for k, v in stats.items():
+                agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
+        grads = [p.grad for p in editor.parameters() if p.grad is not None]
+        finite = all(torch.isfinite(g).all() for g in grads)
+        if finite:
+            gnorm = torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.clip).item()
+            opt.step()
+        else:
+            gnorm = float("nan")
+            state["skipped"] += 1
+        state["step"] = step + 1
+        state["elapsed"] = time.perf_counter() - start
+        record = {"step": state["step"], **agg, "grad_norm": gnorm, "lr": opt.param_groups[0]["lr"],
+                  "alpha_mean": editor.log_alpha.exp().mean().item(), "seconds": state["elapsed"]}  # fmt: skip
+        _write_log(log_path, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{agg['loss']:.3f}", edit=f"{agg.get('rephrase_acc', 0):.2f}",
+                        loc=f"{agg.get('locality_acc', 0):.2f}")  # fmt: skip
+
+        out_of_time = cfg.minutes is not None and state["elapsed"] >= cfg.minutes * 60
+        last_step = state["step"] >= cfg.max_steps or out_of_time
+        if state["step"] % cfg.val_every == 0 or last_step:
+            val = validate(me, val_data, cfg)
+            improved = val["loss"] < state["best"]
+            if improved:
+                state["best"], state["bad"], state["best_val"] = val["loss"], 0, val
+                checkpoint(out, {"best_step": state["step"], "val": val})
+            else:
+                state["bad"] += 1
+            _write_log(log_path, {"step": state["step"], "val": val})
+            bar.write(
+                f"step {state['step']}: val loss {val['loss']:.4f} rewrite "
+                f"{val.get('rewrite_acc', 0):.3f} rephrase {val.get('rephrase_acc', 0):.3f} "
+                f"locality {val.get('locality_acc', 0):.3f}" + (" (best)" if improved else "")
+            )
+            save_last()
+            if state["bad"] >= cfg.patience:
+                stop_reason = "early_stop"
+                break
+        if out_of_time:
+            stop_reason = "time_budget"
+            break
+    bar.close()
+    from mend.plots import plot_training
+
+    plot_training(log_path, out / "train_curves.png")
+    return {"steps": state["step"], "best_val_loss": state["best"], "stop": stop_reason,
+            "best_val": state.get("best_val", {}), "skipped_steps": state["skipped"],
+            "seconds": state["elapsed"]}  # fmt: skip

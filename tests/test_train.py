@@ -1,0 +1,105 @@
+"""Training: resume is exact, a short run beats the untrained editor, the loop's guards work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import fact_requests, tiny_model
+
+from mend.checkpoint import load_editor
+from mend.config import EditorConfig, TrainConfig
+from mend.edit import MendEditor
+from mend.editor import Editor
+from mend.evaluate import evaluate
+from mend.models import find_editable
+from mend.train import LOG_FILE, train
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(editor=EditorConfig(rank=16), lr=1e-3, alpha_lr=5e-2, batch_size=4, grad_accum=1,
+                max_steps=8, val_every=4, val_edits=8, loc_per_edit=2, warmup_steps=2)  # fmt: skip
+    return TrainConfig(**(base | kw))
+
+
+def _losses(folder) -> list[float]:
+    lines = [json.loads(x) for x in (folder / LOG_FILE).read_text().splitlines()]
+    return [x["loss"] for x in lines if "val" not in x]
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, tokenizer):
+    data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
+    cfg = _cfg(max_steps=8, val_every=4)
+    torch.set_num_threads(1)
+    full = train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path / "a", progress=False)
+    assert full["steps"] == 8
+    # Interrupted after step 4 (the checkpoint written at the validation), then resumed.
+    train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, _cfg(max_steps=4, val_every=4),
+          tmp_path / "b", progress=False)  # fmt: skip
+    train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path / "b",
+          resume=True, progress=False)  # fmt: skip
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == len(b) == 8
+    assert len(set(a)) > 1  # the loss actually moves
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-6, atol=1e-7)
+
+
+def test_training_beats_the_untrained_editor_on_held_out_edits(tmp_path, tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    data, val, test = fact_requests(200, seed=3), fact_requests(8, seed=4), fact_requests(30, seed=5)
+    cfg = _cfg(max_steps=150, val_every=50, patience=100)
+    train(model, tokenizer, data, val, cfg, tmp_path, progress=False)
+    trained = MendEditor(model, tokenizer, load_editor(tmp_path, model))
+    names = find_editable(model)
+    untrained = MendEditor(model, tokenizer, Editor({p.name: p.in_out for p in names}, cfg.editor))
+    after = evaluate(model, tokenizer, trained, test, progress=False)
+    before = evaluate(model, tokenizer, untrained, test, progress=False)
+    assert before["rewrite_acc"] <= 0.1
+    assert after["rewrite_acc"] >= before["rewrite_acc"] + 0.5
+    assert after["rephrase_acc"] >= before["rephrase_acc"] + 0.3
+
+
+def test_best_checkpoint_and_early_stopping(tmp_path, tokenizer):
+    data, val = fact_requests(40, seed=1), fact_requests(8, seed=2)
+    # A huge learning rate makes validation loss worse after the first check.
+    cfg = _cfg(max_steps=40, val_every=2, patience=2, lr=1.0, alpha_lr=1.0)
+    summary = train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path, progress=False)
+    assert summary["stop"] == "early_stop"
+    assert summary["steps"] < 40
+    log = [json.loads(x) for x in (tmp_path / LOG_FILE).read_text().splitlines()]
+    vals = [(x["step"], x["val"]["loss"]) for x in log if "val" in x]
+    best_step = min(vals, key=lambda v: v[1])[0]
+    saved = json.loads((tmp_path / "editor_config.json").read_text())
+    assert saved["best_step"] == best_step
+    assert best_step < summary["steps"]  # the best is not simply the last
+
+
+def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
+    import mend.train as train_mod
+
+    real = train_mod.edit_step
+    calls = {"n": 0}
+
+    def poisoned(me, reqs, rows, cfg):
+        loss, stats = real(me, reqs, rows, cfg)
+        calls["n"] += 1
+        if calls["n"] == 2 and me.editor.training:
+            loss = loss * float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(train_mod, "edit_step", poisoned)
+    data, val = fact_requests(40, seed=1), fact_requests(4, seed=2)
+    summary = train(tiny_model("llama", len(tokenizer)), tokenizer, data, val,
+                    _cfg(max_steps=4, val_every=4), tmp_path, progress=False)  # fmt: skip
+    assert summary["skipped_steps"] == 1
+    editor = load_editor(tmp_path / "last")
+    assert all(torch.isfinite(p).all() for p in editor.parameters())
+
+
+@pytest.mark.parametrize("bad", [dict(lr=0), dict(batch_size=0), dict(c_loc=-1)])
+def test_config_rejects_bad_values(bad):
+    from mend.errors import MendError
+
+    with pytest.raises(MendError):
+        _cfg(**bad)
