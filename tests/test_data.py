@@ -202,7 +202,11 @@ def test_zsre_records_without_new_answer_are_skipped(tmp_path, caplog):
 
 
 def test_single_rephrase_string_is_one_rephrase(tmp_path):
-    rec = {"prompt": "The capital of France is", "target": "Lyon", "rephrases": "France's capital is"}
+    rec = {
+        "prompt": "The capital of France is",
+        "target": "Lyon",
+        "rephrases": "France's capital is",
+    }
     (req,) = load_requests(_write(tmp_path / "e.jsonl", [rec], True))
     assert req.rephrases == ("France's capital is",)
 
@@ -340,10 +344,23 @@ def test_unrecognised_layout(tmp_path):
     ("records", "index", "key"),
     [
         (MEND_JSONL + [{"prompt": "Water boils at"}], 2, "target"),
-        (EASYEDIT + [{k: v for k, v in EASYEDIT[0].items() if k != "ground_truth"}], 2, "ground_truth"),
+        (
+            EASYEDIT + [{k: v for k, v in EASYEDIT[0].items() if k != "ground_truth"}],
+            2,
+            "ground_truth",
+        ),
         ([ZSRE[0], {"src": "Who?"}], 1, "alt"),
         (
-            [ROME[0], {"requested_rewrite": {"prompt": "{} is", "subject": "X", "target_new": {"str": "Y"}}}],
+            [
+                ROME[0],
+                {
+                    "requested_rewrite": {
+                        "prompt": "{} is",
+                        "subject": "X",
+                        "target_new": {"str": "Y"},
+                    }
+                },
+            ],
             1,
             "target_true",
         ),
@@ -413,7 +430,9 @@ def test_input_longer_than_context(toks):
     prompt = "The colour loved by Alice is"
     ids, _ = encode(tok, prompt, "red", 64)
     encode(tok, prompt, "red", len(ids))  # exactly the context: fine
-    with _raises(f"input of {len(ids)} tokens is longer than the model's context of {len(ids) - 1}"):
+    with _raises(
+        f"input of {len(ids)} tokens is longer than the model's context of {len(ids) - 1}"
+    ):
         encode(tok, prompt, "red", len(ids) - 1)
     with _raises("longer than the model's context of 64"):
         make_batch(tok, [(prompt, "red"), (" ".join(["Alice"] * 80), None)], max_len=64)
@@ -481,7 +500,10 @@ def test_shared_zsre_files_load(monkeypatch, toks):
     assert len(train) == 998
     assert train[0].prompt == "What is the product made by UniFirst?"
     assert train[0].target == "unmanned aircraft"
-    assert all(r.rephrases and r.locality and r.locality[0].prompt.startswith("nq question:") for r in train)
+    assert all(
+        r.rephrases and r.locality and r.locality[0].prompt.startswith("nq question:")
+        for r in train
+    )
     evals = load_requests(resolve_data("zsre-eval"))
     assert len(evals) == 1037
     assert all(r.target_true is not None for r in evals)

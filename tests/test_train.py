@@ -32,7 +32,15 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, tokenizer):
     data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
     cfg = _cfg(max_steps=8, val_every=4)
     torch.set_num_threads(1)
-    full = train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path / "a", progress=False)
+    full = train(
+        tiny_model("llama", len(tokenizer)),
+        tokenizer,
+        data,
+        val,
+        cfg,
+        tmp_path / "a",
+        progress=False,
+    )
     assert full["steps"] == 8
     # Interrupted after step 4 (the checkpoint written at the validation), then resumed.
     train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, _cfg(max_steps=4, val_every=4),
@@ -47,7 +55,11 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, tokenizer):
 
 def test_training_beats_the_untrained_editor_on_held_out_edits(tmp_path, tokenizer):
     model = tiny_model("llama", len(tokenizer))
-    data, val, test = fact_requests(200, seed=3), fact_requests(8, seed=4), fact_requests(30, seed=5)
+    data, val, test = (
+        fact_requests(200, seed=3),
+        fact_requests(8, seed=4),
+        fact_requests(30, seed=5),
+    )
     cfg = _cfg(max_steps=150, val_every=50, patience=100)
     train(model, tokenizer, data, val, cfg, tmp_path, progress=False)
     trained = MendEditor(model, tokenizer, load_editor(tmp_path, model))
@@ -64,7 +76,9 @@ def test_best_checkpoint_and_early_stopping(tmp_path, tokenizer):
     data, val = fact_requests(40, seed=1), fact_requests(8, seed=2)
     # A huge learning rate makes validation loss worse after the first check.
     cfg = _cfg(max_steps=40, val_every=2, patience=2, lr=1.0, alpha_lr=1.0)
-    summary = train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path, progress=False)
+    summary = train(
+        tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path, progress=False
+    )
     assert summary["stop"] == "early_stop"
     assert summary["steps"] < 40
     log = [json.loads(x) for x in (tmp_path / LOG_FILE).read_text().splitlines()]

@@ -140,7 +140,7 @@ def load_editor(folder: str | Path, model=None) -> Editor:
     try:
         editor.load_state_dict(tensors)
     except RuntimeError as e:
-        raise MendError(f"corrupt editor checkpoint: {str(e).splitlines()[0]}") from None
+        raise MendError(f"corrupt editor checkpoint: {' '.join(str(e).split())}") from None
     editor.eval()
     return editor
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mend.errors import MendError
+
+
+def cache_dir() -> Path:
+    """Where converted models and downloaded data live ($MEND_CACHE, else ~/.cache/mend)."""
+    return Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
 
 
 def _from_dict(cls, data: dict[str, Any]):

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mend.config import cache_dir
 from mend.errors import MendError
 
 # name -> (path under the shared data folder, public URL of a file in a layout we read)
@@ -34,8 +35,6 @@ def data_dirs() -> list[Path]:
         dirs.append(Path(os.environ["MEND_DATA_DIR"]))
     dirs.append(Path.cwd().parent / "shared" / "data")  # the project's checkout layout
     dirs.append(Path.cwd() / "shared" / "data")
-    from mend.models.load import cache_dir
-
     dirs.append(cache_dir() / "data")
     return dirs
 
@@ -59,8 +58,6 @@ def resolve_data(name_or_path: str | os.PathLike) -> Path:
             f"data set {name_or_path!r} not found in {', '.join(map(str, data_dirs()))} "
             f"and it has no public download{fallback}"
         )
-    from mend.models.load import cache_dir
-
     dest = cache_dir() / "data" / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")

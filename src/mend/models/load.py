@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mend.config import cache_dir
 from mend.errors import MendError
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,6 @@ ALIASES: dict[str, _GgufAlias] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where converted models and downloaded data live ($MEND_CACHE, else ~/.cache/mend)."""
-    return Path(os.environ.get("MEND_CACHE", Path.home() / ".cache" / "mend"))
 
 
 def _alias_folder(alias: str) -> Path:
