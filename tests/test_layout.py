@@ -13,7 +13,7 @@ LAYER = {
     "models": 2, "editor": 2, "data": 2,
     "losses": 3, "grads": 3, "result": 3,
     "metrics": 4,
-    "edit": 5, "checkpoint": 5,
+    "edit": 5, "checkpoint": 5, "baselines": 5,
     "plots": 5,
     "evaluate": 6, "train": 6,
     "demo": 7,

@@ -93,6 +93,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if (
         not isinstance(editor, dict)
         or not isinstance(params, dict)
+        or not params
         or not all(isinstance(model.get(k), str) for k in ("name", "model_type"))
         or not all(
             isinstance(s, list) and len(s) == 2 and all(type(d) is int and d > 0 for d in s)

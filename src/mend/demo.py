@@ -9,6 +9,7 @@ from mend.config import EditorConfig, TrainConfig
 from mend.data import load_checked
 from mend.data.collate import context_length
 from mend.edit import MendEditor
+from mend.errors import MendError
 from mend.evaluate import evaluate, format_report
 from mend.models.forward import greedy
 from mend.result import write_json
@@ -17,12 +18,23 @@ from mend.train import train
 SHOWCASE = 5
 
 
+def _demo_data(tokenizer, max_len: int, eval_limit: int):
+    """(train, validation, test) edits: the EasyEdit CounterFact split from the shared data
+    folder, else the full public CounterFact (downloaded once into the cache) split here."""
+    try:
+        train_data = load_checked("counterfact-train", tokenizer, max_len)
+        held_out = load_checked("counterfact-val", tokenizer, max_len)
+        print("data: CounterFact (EasyEdit split) from the shared data folder")
+    except MendError as e:
+        print(f"{e}\nfalling back to the public CounterFact download")
+        full = load_checked("counterfact", tokenizer, max_len)
+        train_data, held_out = full[: -(eval_limit + 32)], full[-(eval_limit + 32) :]
+    return train_data, held_out[:32], held_out[-eval_limit:]
+
+
 def run_demo(model, tokenizer, out: Path, minutes: float, eval_limit: int) -> dict:
     """Train for `minutes`, evaluate on `eval_limit` held-out CounterFact edits, show a few."""
-    max_len = context_length(model)
-    train_data = load_checked("counterfact-train", tokenizer, max_len)
-    val_data = load_checked("counterfact-val", tokenizer, max_len)
-    val, test = val_data[:32], val_data[-eval_limit:]
+    train_data, val, test = _demo_data(tokenizer, context_length(model), eval_limit)
     cfg = TrainConfig(editor=EditorConfig(), minutes=minutes, max_steps=100_000, val_every=50,
                       val_edits=len(val), patience=1000)  # fmt: skip
     print(f"training an editor for {minutes:g} minutes on {len(train_data)} CounterFact edits")

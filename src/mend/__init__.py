@@ -1,0 +1,35 @@
+"""mend: fast model editing with MEND editor networks.
+
+Train an editor once (`train`), then edit a model in a fraction of a second
+(`MendEditor.edit`), with revert, save and delta export on the returned `EditResult`.
+"""
+
+from mend.checkpoint import load_editor, save_editor
+from mend.config import EditorConfig, TrainConfig
+from mend.data import load_requests
+from mend.edit import MendEditor
+from mend.editor import Editor
+from mend.errors import MendError
+from mend.evaluate import evaluate
+from mend.models import load_model
+from mend.result import EditResult, apply_delta
+from mend.train import train
+from mend.types import EditRequest, Probe
+
+__all__ = [
+    "EditRequest",
+    "EditResult",
+    "Editor",
+    "EditorConfig",
+    "MendEditor",
+    "MendError",
+    "Probe",
+    "TrainConfig",
+    "apply_delta",
+    "evaluate",
+    "load_editor",
+    "load_model",
+    "load_requests",
+    "save_editor",
+    "train",
+]

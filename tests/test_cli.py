@@ -1,0 +1,309 @@
+"""End to end through `mend.cli.main`: train, eval and edit on a tiny local model folder, and
+bad inputs that must fail with exit code 2, one line on stderr and no output written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, fact_requests, make_tokenizer, tiny_model
+from tokenizers import normalizers
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from mend.checkpoint import WEIGHTS_FILE, model_identity, save_editor
+from mend.cli import main
+from mend.config import EditorConfig
+from mend.editor import Editor
+from mend.evaluate import METRICS
+from mend.models import find_editable, load_model
+from mend.result import apply_delta
+
+PROMPT, TARGET = "The colour loved by Alice is", "piano"
+ZWSP = "\u200b"  # dropped by the test tokenizer's normaliser: a target that adds no token
+
+
+def _record(r) -> dict:
+    return {
+        "prompt": r.prompt,
+        "target": r.target,
+        "rephrases": list(r.rephrases),
+        "locality": [{"prompt": p.prompt, "answer": p.answer} for p in r.locality],
+        "target_true": r.target_true,
+        "neighborhood": list(r.neighborhood),
+    }
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    hf_logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("cli")
+    tok = make_tokenizer("bpe")
+    # Like many real normalisers: drop zero-width spaces and trim the text.
+    tok.backend_tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Replace(ZWSP, ""), normalizers.Strip()]
+    )
+    tok.pad_token = "<pad>"
+    model_dir = root / "model"
+    tiny_model("llama", len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    records = [_record(r) for r in fact_requests(40)]
+    data = _write_jsonl(root / "train.jsonl", records)
+    return {"root": root, "model": str(model_dir), "data": str(data), "records": records}
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    out = env["root"] / "editor"
+    code = main(
+        ["train", "--model", env["model"], "--data", env["data"], "--out", str(out),
+         "--max-steps", "6", "--val-every", "3", "--rank", "8", "--batch-size", "2",
+         "--grad-accum", "1", "--threads", "1"]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+def _fails(capsys, argv: list[str], *needles: str) -> str:
+    """Run the CLI expecting a one-line bad-input error that contains every needle."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mend: error: "), err
+    for needle in needles:
+        assert needle in lines[0], err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+def test_train_writes_checkpoint_log_and_plot(env, trained, capsys):
+    out = trained
+    for name in ("editor_config.json", "editor.safetensors", "train_log.jsonl", "train_curves.png"):
+        assert (out / name).is_file(), name
+    assert (out / "train_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "val" not in x]
+    vals = [x for x in lines if "val" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
+    assert [x["step"] for x in vals] == [3, 6]
+    for x in steps:
+        assert x["loss"] == pytest.approx(0.1 * x["l_edit"] + 1.0 * x["l_loc"], rel=1e-5)
+    config = json.loads((out / "editor_config.json").read_text())
+    assert config["editor"]["rank"] == 8
+    assert config["model"]["model_type"] == "llama"
+    assert config["best_step"] in (3, 6)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_eval_reports_every_metric(env, trained, tmp_path, capsys):
+    report_path = tmp_path / "r.json"
+    argv = ["eval", "--model", env["model"], "--editor", str(trained), "--data", env["data"],
+            "--limit", "5", "--out", str(report_path)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(report_path.read_text())
+    assert report["n_edits"] == 5
+    assert report["batch_size"] == 1
+    for key in [*METRICS, "edit_seconds_median"]:
+        assert key in report
+    for key in METRICS:
+        assert 0.0 <= report[key] <= 1.0, key
+        assert 0.0 <= report["pre"][key] <= 1.0, key
+    assert set(report["pre"]) == set(METRICS)
+    assert report["pre"]["locality_acc"] == 1.0  # the unedited model agrees with itself
+    assert report["edit_seconds_median"] > 0
+    assert "rewrite_acc" in capsys.readouterr().out
+
+    batched = tmp_path / "batched.json"
+    assert main([*argv[:-1], str(batched), "--batch-size", "5"]) == 0
+    report5 = json.loads(batched.read_text())
+    assert report5["n_edits"] == 5
+    assert report5["batch_size"] == 5
+    # One batched edit: its time is both the median and the mean.
+    assert report5["edit_seconds_median"] == report5["edit_seconds_mean"]
+    # The unedited scores do not depend on how edits are grouped.
+    for key in METRICS:
+        assert report5["pre"][key] == pytest.approx(report["pre"][key]), key
+
+
+def test_edit_prints_and_saves_model_and_delta(env, trained, tmp_path, capsys):
+    m2, delta = tmp_path / "m2", tmp_path / "d.safetensors"
+    argv = ["edit", "--model", env["model"], "--editor", str(trained), "--prompt", PROMPT,
+            "--target", TARGET, "--save-model", str(m2), "--save-delta", str(delta)]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"prompt: {PROMPT}" in out
+    assert "before: '" in out and "after:  '" in out
+    assert (m2 / "config.json").is_file() and delta.is_file()
+
+    base, _ = load_model(env["model"])
+    edited, _ = load_model(str(m2))
+    names = {p.name for p in find_editable(base)}
+    changed = {
+        k.removesuffix(".weight")
+        for k, v in edited.state_dict().items()
+        if not torch.equal(v, base.state_dict()[k])
+    }
+    assert changed == names  # exactly the editor's weights changed
+    applied = apply_delta(base, delta)
+    for name in names:
+        torch.testing.assert_close(
+            base.get_submodule(name).weight, edited.get_submodule(name).weight, rtol=0, atol=1e-7
+        )
+    applied.revert()
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _train_argv(env, out: Path, data: str | None = None, *extra: str) -> list[str]:
+    return ["train", "--model", env["model"], "--data", data or env["data"], "--out", str(out),
+            "--max-steps", "2", "--rank", "4", "--threads", "1", *extra]  # fmt: skip
+
+
+def _eval_argv(env, editor: Path, report: Path, data: str | None = None) -> list[str]:
+    return ["eval", "--model", env["model"], "--editor", str(editor), "--data",
+            data or env["data"], "--limit", "3", "--out", str(report)]  # fmt: skip
+
+
+def _edit_argv(env, editor: Path, out: Path, prompt: str = PROMPT, target: str = TARGET):
+    return ["edit", "--model", env["model"], "--editor", str(editor), "--prompt", prompt,
+            "--target", target, "--save-model", str(out / "m"),
+            "--save-delta", str(out / "d.safetensors")]  # fmt: skip
+
+
+def test_train_missing_data_file(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails(capsys, _train_argv(env, out, str(tmp_path / "nope.jsonl")), "data file not found")
+    assert not out.exists()
+
+
+def test_train_record_missing_key(env, tmp_path, capsys):
+    records = [dict(r) for r in env["records"][:10]]
+    del records[4]["target"]
+    data = _write_jsonl(tmp_path / "d.jsonl", records)
+    out = tmp_path / "run"
+    _fails(capsys, _train_argv(env, out, str(data)), "record 4", "missing required key 'target'")
+    assert not out.exists()
+
+
+def test_train_empty_prompt(env, tmp_path, capsys):
+    records = env["records"][:10] + [dict(env["records"][0], prompt="")]
+    data = _write_jsonl(tmp_path / "d.jsonl", records)
+    out = tmp_path / "run"
+    _fails(capsys, _train_argv(env, out, str(data)), "record 10: empty prompt")
+    assert not out.exists()
+
+
+def test_train_unknown_weight_name(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _train_argv(env, out, None, "--edit-modules", "model.layers.0.mlp.nope")
+    _fails(capsys, argv, "unknown weight name 'model.layers.0.mlp.nope'")
+    assert not out.exists()
+
+
+def test_eval_empty_prompt_and_nothing_target_in_data(env, trained, tmp_path, capsys):
+    report = tmp_path / "sub" / "r.json"
+    data = _write_jsonl(
+        tmp_path / "d.jsonl", [env["records"][0], dict(env["records"][1], prompt="  ")]
+    )
+    _fails(capsys, _eval_argv(env, trained, report, str(data)), "record 1: empty prompt")
+    data = _write_jsonl(
+        tmp_path / "d.jsonl", [env["records"][0], dict(env["records"][1], target=ZWSP)]
+    )
+    _fails(capsys, _eval_argv(env, trained, report, str(data)), "record 1", "tokenises to nothing")
+    assert not report.parent.exists()
+
+
+def test_eval_input_longer_than_context(env, trained, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    long_rephrase = " ".join(["Alice"] * 80)
+    records = [env["records"][0], dict(env["records"][1], rephrases=[long_rephrase])]
+    data = _write_jsonl(tmp_path / "d.jsonl", records)
+    _fails(
+        capsys,
+        _eval_argv(env, trained, report, str(data)),
+        "record 1",
+        "longer than the model's context of 64",
+    )
+    assert not report.exists()
+
+
+def test_edit_empty_target(env, trained, tmp_path, capsys):
+    _fails(capsys, _edit_argv(env, trained, tmp_path, target=""), "empty target")
+    _fails(capsys, _edit_argv(env, trained, tmp_path, target="   "), "empty target")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_edit_target_that_tokenises_to_nothing(env, trained, tmp_path, capsys):
+    _fails(capsys, _edit_argv(env, trained, tmp_path, target=ZWSP), "tokenises to nothing")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_edit_prompt_longer_than_context(env, trained, tmp_path, capsys):
+    prompt = " ".join(["The colour loved by Alice is"] * 20)
+    _fails(
+        capsys,
+        _edit_argv(env, trained, tmp_path, prompt=prompt),
+        "longer than the model's context of 64",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def _foreign_editor(folder: Path, model) -> Path:
+    names = [p.name for p in find_editable(model)]
+    ident = model_identity(model, names)
+    save_editor(folder, Editor(ident["params"], EditorConfig(rank=4)), ident)
+    return folder
+
+
+def test_editor_for_another_family(env, tmp_path, capsys):
+    editor = _foreign_editor(tmp_path / "gpt2-editor", tiny_model("gpt2", 300))
+    report = tmp_path / "r.json"
+    _fails(capsys, _eval_argv(env, editor, report), "made for a gpt2 model", "not llama")
+    assert not report.exists()
+    out = tmp_path / "edit-out"
+    _fails(capsys, _edit_argv(env, editor, out), "made for a gpt2 model")
+    assert not out.exists()
+
+
+def test_editor_for_other_shapes(env, tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=300, **(TINY["llama"] | {"intermediate_size": 64})
+    )
+    editor = _foreign_editor(tmp_path / "wide-editor", AutoModelForCausalLM.from_config(cfg))
+    report = tmp_path / "r.json"
+    _fails(capsys, _eval_argv(env, editor, report), "different model", "(32, 48) here but (32, 64)")
+    assert not report.exists()
+
+
+def test_truncated_editor_weights(env, trained, tmp_path, capsys):
+    editor = tmp_path / "editor"
+    shutil.copytree(trained, editor)
+    data = (editor / WEIGHTS_FILE).read_bytes()
+    (editor / WEIGHTS_FILE).write_bytes(data[: len(data) - 100])
+    report = tmp_path / "r.json"
+    _fails(capsys, _eval_argv(env, editor, report), "corrupt editor checkpoint")
+    assert not report.exists()
+    out = tmp_path / "edit-out"
+    _fails(capsys, _edit_argv(env, editor, out), "corrupt editor checkpoint")
+    assert not out.exists()
+
+
+def test_missing_editor(env, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    _fails(capsys, _eval_argv(env, tmp_path / "no-editor", report), "not an editor checkpoint")
+    assert not report.exists()
