@@ -97,8 +97,8 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
     real = train_mod.edit_step
     calls = {"n": 0}
 
-    def poisoned(me, reqs, rows, cfg):
-        loss, stats = real(me, reqs, rows, cfg)
+    def poisoned(me, reqs, rows, cfg, stack=None):
+        loss, stats = real(me, reqs, rows, cfg, stack)
         calls["n"] += 1
         if calls["n"] == 2 and me.editor.training:
             loss = loss * float("nan")

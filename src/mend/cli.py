@@ -47,10 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--reference", action="store_true", help="slow full-model path (for checking)")
 
     e = sub.add_parser("eval", help="evaluate an editor (or a baseline) on a data set")
     _common(e)
-    e.add_argument("--editor", required=True, help="editor checkpoint folder")
+    e.add_argument("--method", default="mend", choices=["mend", "ft", "ft-kl", "grad", "none"])
+    e.add_argument("--editor", help="editor checkpoint folder (--method mend)")
+    e.add_argument("--ft-lr", type=float, default=5e-4, help="ft / ft-kl learning rate")
+    e.add_argument("--ft-steps", type=int, default=40, help="ft / ft-kl step limit per edit")
+    e.add_argument("--grad-lr", type=float, default=1e-3, help="grad: step size")
+    e.add_argument("--loc-data", default="wikitext-valid", help="ft-kl: text for locality inputs")
     e.add_argument("--data", required=True)
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=1, help="edits applied together")
@@ -99,7 +105,7 @@ def cmd_train(args) -> int:
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
         val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, seed=args.seed,
-        loc_per_edit=args.loc_per_edit, cosine=args.cosine,
+        loc_per_edit=args.loc_per_edit, cosine=args.cosine, reference=args.reference,
     )  # fmt: skip
     model, tok = _load(args)
     data = _load_data(args.data, tok, model)
@@ -122,6 +128,28 @@ def _mend_editor(args, model, tok):
     return MendEditor(model, tok, load_editor(args.editor, model))
 
 
+def _method(args, model, tok):
+    """The editing method named by --method, on the same weights MEND edits."""
+    from mend.baselines import FTEditor, GradEditor, NoEdit
+
+    if args.method == "mend":
+        return _mend_editor(args, model, tok)
+    if args.method == "none":
+        return NoEdit(model, tok)
+    if args.method == "grad":
+        return GradEditor(model, tok, lr=args.grad_lr)
+    loc = []
+    if args.method == "ft-kl":
+        from mend.data import resolve_data
+        from mend.data.text import wikitext_prompts
+
+        loc = wikitext_prompts(resolve_data(args.loc_data), 256)
+    kl = 1.0 if args.method == "ft-kl" else 0.0
+    return FTEditor(
+        model, tok, lr=args.ft_lr, max_steps=args.ft_steps, kl_weight=kl, loc_prompts=loc
+    )
+
+
 def cmd_eval(args) -> int:
     from mend.evaluate import evaluate, format_report
     from mend.result import write_json
@@ -130,11 +158,13 @@ def cmd_eval(args) -> int:
         raise MendError("--limit must be >= 1")
     if args.batch_size < 1:
         raise MendError("--batch-size must be >= 1")
+    if args.method == "mend" and not args.editor:
+        raise MendError("--method mend needs --editor")
     model, tok = _load(args)
-    method = _mend_editor(args, model, tok)
+    method = _method(args, model, tok)
     data = _load_data(args.data, tok, model, args.limit)
     report = evaluate(model, tok, method, data, batch_size=args.batch_size)
-    report |= {"model": args.model, "editor": args.editor, "data": args.data}
+    report |= {"method": args.method, "model": args.model, "editor": args.editor, "data": args.data}
     write_json(args.out, report)
     print(format_report(report))
     return 0

@@ -83,6 +83,7 @@ class TrainConfig:
     patience: int = 8  # validations without improvement before early stopping
     warmup_steps: int = 50
     cosine: bool = False  # cosine-decay the learning rates to 10% at max_steps
+    reference: bool = False  # run full forward passes instead of caching the lower blocks
     seed: int = 0
 
     def __post_init__(self):

@@ -67,14 +67,17 @@ class MendEditor:
         """Tokenise (prompt, target-or-None) pairs for this model."""
         return make_batch(self.tokenizer, pairs, groups, self.max_len).to(self.device)
 
-    def factors(self, batch: TokenBatch, joint: bool = False) -> Factors:
+    def factors(self, batch: TokenBatch, joint: bool = False, captured=None) -> Factors:
         """Editor-transformed gradient factors for the edit rows of `batch`.
 
         Args:
             batch: one row per edit (prompt + target).
             joint: False gives one edit per row (G = rows); True sums all rows into one edit.
+            captured: (u, delta) from `grads.capture` on batch, if already computed; rows
+                whose delta is zero carry no edit.
         """
-        captured, _ = capture(self.model, self.params, batch, lambda lg: edit_loss(lg, batch))
+        if captured is None:
+            captured, _ = capture(self.model, self.params, batch, lambda lg: edit_loss(lg, batch))
         flat, masks = {}, {}
         for name, (u, delta) in captured.items():
             # Tokens that carry no gradient (padding, the last target token) are dropped:

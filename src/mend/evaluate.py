@@ -79,6 +79,30 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def score(model, tokenizer, requests: list[EditRequest], base: dict | None = None) -> dict:
+    """Score the model as it is now on every probe of `requests`.
+
+    Args:
+        base: an earlier `score(...)` result for the same requests on the unedited model;
+            needed for locality (predictions unchanged).
+
+    Returns:
+        {"metrics": {metric: [0/1 per probe]}, "logits": the probe logits (for later `base`)}.
+    """
+    pairs, kinds, comparisons = _probe_rows(requests)
+    device = next(model.parameters()).device
+    batch = make_batch(tokenizer, pairs, max_len=context_length(model)).to(device)
+    with torch.no_grad():
+        logits = scored_logits(model, batch)
+    base_logits = base["logits"] if base is not None else None
+    return {"metrics": _score(logits, batch, kinds, comparisons, base_logits), "logits": logits}
+
+
+def summarize(outcomes: dict[str, list[float]]) -> dict[str, float | None]:
+    """Mean of each metric's outcomes (None where a metric had no probes)."""
+    return {k: _mean(outcomes.get(k, [])) for k in METRICS}
+
+
 def evaluate(
     model,
     tokenizer,
@@ -86,40 +110,59 @@ def evaluate(
     requests: list[EditRequest],
     batch_size: int = 1,
     progress: bool = True,
+    after_edit=None,
 ) -> dict:
     """Edit `batch_size` requests at a time, score before and after, revert, repeat.
+
+    Args:
+        after_edit: optional callback run on the edited model (before revert) of each batch,
+            e.g. to measure perplexity on some of them.
 
     Returns:
         {"n_edits", "rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score",
          "paraphrase_score", "neighborhood_score", "edit_seconds_median", "pre": {...}}.
         Accuracies are means over probes; a metric with no probes is None.
     """
-    max_len = context_length(model)
-    device = next(model.parameters()).device
     post, pre, seconds = defaultdict(list), defaultdict(list), []
     chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-    for chunk in tqdm(chunks, desc="eval", disable=not progress):
-        pairs, kinds, comparisons = _probe_rows(chunk)
-        batch = make_batch(tokenizer, pairs, max_len=max_len).to(device)
-        with torch.no_grad():
-            base = scored_logits(model, batch)
+    for i, chunk in enumerate(tqdm(chunks, desc="eval", disable=not progress)):
+        base = score(model, tokenizer, chunk)
         result = method.edit(chunk)
         try:
-            with torch.no_grad():
-                edited = scored_logits(model, batch)
+            edited = score(model, tokenizer, chunk, base)
+            if after_edit is not None:
+                after_edit(i)
         finally:
             result.revert()
         seconds.append(result.seconds)
-        for k, v in _score(base, batch, kinds, comparisons).items():
+        for k, v in base["metrics"].items():
             pre[k].extend(v)
-        for k, v in _score(edited, batch, kinds, comparisons, base).items():
+        for k, v in edited["metrics"].items():
             post[k].extend(v)
     report = {"n_edits": len(requests), "batch_size": batch_size}
-    report |= {k: _mean(post[k]) for k in METRICS}
+    report |= summarize(post)
     report["edit_seconds_median"] = statistics.median(seconds) if seconds else None
     report["edit_seconds_mean"] = statistics.fmean(seconds) if seconds else None
-    report["pre"] = {k: _mean(pre[k]) for k in METRICS}
+    report["pre"] = summarize(pre)
     return report
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, n_windows: int = 8, window: int = 512) -> float:
+    """Perplexity on the first n_windows non-overlapping windows of `window` tokens of text."""
+    ids = tokenizer(text[: n_windows * window * 8])["input_ids"]
+    window = min(window, context_length(model))
+    n = min(n_windows, len(ids) // window)
+    if n == 0:
+        raise ValueError("text shorter than one window")
+    device = next(model.parameters()).device
+    x = torch.tensor(ids[: n * window], device=device).view(n, window)
+    nll = 0.0
+    for row in x:
+        out = model(input_ids=row[None], use_cache=False)
+        logits = out.logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, row[1:]).item()
+    return float(torch.tensor(nll / n).exp())
 
 
 METRICS = ["rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score", "paraphrase_score",

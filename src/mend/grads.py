@@ -42,15 +42,20 @@ def capture(
     params: list[EditableParam],
     batch,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    run: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Run the model on batch, take loss_fn(scored logits) and its gradient at each edited output.
+
+    Args:
+        run: computes the scored logits instead of a full forward pass of batch
+            (e.g. `UpperStack.logits`, which reruns only the top blocks).
 
     Returns:
         ({name: (u (R, S, in), delta (R, S, out))} in fp32 and detached, the loss).
         The weight gradient of a Linear is then sum over tokens of delta_i u_i^T.
     """
     with torch.enable_grad(), _recording(params) as store:
-        loss = loss_fn(scored_logits(model, batch))
+        loss = loss_fn(run() if run is not None else scored_logits(model, batch))
         outs = [store[p.name][1] for p in params]
         deltas = torch.autograd.grad(loss, outs, allow_unused=True)
     result = {}

@@ -30,10 +30,12 @@ from mend.config import TrainConfig
 from mend.edit import MendEditor
 from mend.editor.net import Editor
 from mend.errors import MendError
-from mend.losses import kl_base_edited, masked_nll
+from mend.grads import capture
+from mend.losses import kl_base_edited, masked_nll, row_nll
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable
+from mend.models.upper import UpperStack
 from mend.types import EditRequest, Probe
 
 log = logging.getLogger(__name__)
@@ -114,21 +116,67 @@ def build_rows(
     return rows
 
 
-def edit_step(me: MendEditor, reqs: list[EditRequest], rows: StepRows, cfg: TrainConfig):
+def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows):
+    """Straightforward path: full forward passes for the edit, the edited rows and the base rows."""
+    factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), joint=False)
+    both = me.batch(rows.gen + rows.loc, rows.gen_group + rows.loc_group)
+    with me.applied(factors, both.group):
+        edited = scored_logits(me.model, both)  # (P_gen + P_loc, V)
+    rows_of = both.pos_row
+    base = None
+    if rows.loc:
+        with torch.no_grad():
+            base = scored_logits(me.model, me.batch(rows.loc, rows.loc_group))
+    return edited, base, rows_of, both.labels[both.pos_mask]
+
+
+def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], rows: StepRows):
+    """Same results as `_forward_reference`, running the lower blocks once, without gradients.
+
+    One batch holds the edit rows, then the paraphrase rows, then the locality rows. A single
+    no-grad pass caches the input of the first edited block and gives the base logits; the
+    edit's gradient and the edited logits then rerun only the upper blocks.
+    """
+    n_edit = len(reqs)
+    batch = me.batch(
+        [(r.prompt, r.target) for r in reqs] + rows.gen + rows.loc,
+        list(range(n_edit)) + rows.gen_group + rows.loc_group,
+    )
+    base_all = stack.prepare(batch)  # (P, V), no grad
+    rows_of, labels = batch.pos_row, batch.labels[batch.pos_mask]
+    is_edit = rows_of < n_edit
+
+    def edit_only_loss(logits):
+        return row_nll(logits[is_edit], labels[is_edit], rows_of[is_edit], n_edit).sum()
+
+    captured, _ = capture(me.model, me.params, batch, edit_only_loss, run=stack.logits)
+    # Rows other than the edit rows have zero delta, so they carry no edit of their own.
+    factors = me.factors(batch, joint=False, captured=captured)
+    with me.applied(factors, batch.group):
+        edited = stack.logits()
+    n_gen = len(rows.gen)
+    rest = ~is_edit
+    rows_rest = rows_of[rest] - n_edit
+    base = base_all[rest][rows_rest >= n_gen] if rows.loc else None
+    return edited[rest], base, rows_rest, labels[rest]
+
+
+def edit_step(
+    me: MendEditor, reqs: list[EditRequest], rows: StepRows, cfg: TrainConfig, stack=None
+):
     """Losses (and accuracies) of editing each of reqs independently.
+
+    Args:
+        stack: an UpperStack for the fast path; None runs the reference path.
 
     Returns:
         (loss with graph into the editor, dict of float statistics).
     """
-    model = me.model
-    factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), joint=False)
+    if stack is None:
+        logits, base, rows_of, labels = _forward_reference(me, reqs, rows)
+    else:
+        logits, base, rows_of, labels = _forward_fast(me, stack, reqs, rows)
     n_gen = len(rows.gen)
-    both = me.batch(rows.gen + rows.loc, rows.gen_group + rows.loc_group)
-    loc = me.batch(rows.loc, rows.loc_group) if rows.loc else None
-    with me.applied(factors, both.group):
-        logits = scored_logits(model, both)  # (P_gen + P_loc, V)
-    rows_of = both.pos_row
-    labels = both.labels[both.pos_mask]
     gen_pos = rows_of < n_gen
     l_edit = masked_nll(logits[gen_pos], labels[gen_pos], rows_of[gen_pos], n_gen)
     gen_ok = all_correct(logits[gen_pos], labels[gen_pos], rows_of[gen_pos], n_gen)
@@ -139,9 +187,7 @@ def edit_step(me: MendEditor, reqs: list[EditRequest], rows: StepRows, cfg: Trai
     if (~is_prompt).any():
         stats["rephrase_acc"] = gen_ok[~is_prompt].float().mean().item()
     l_loc = logits.sum() * 0
-    if loc is not None:
-        with torch.no_grad():
-            base = scored_logits(model, loc)
+    if base is not None:
         edited = logits[~gen_pos]
         l_loc = kl_base_edited(base, edited)
         n_loc = len(rows.loc)
@@ -155,14 +201,16 @@ def edit_step(me: MendEditor, reqs: list[EditRequest], rows: StepRows, cfg: Trai
     return loss, stats
 
 
-def validate(me: MendEditor, val: list[EditRequest], cfg: TrainConfig) -> dict[str, float]:
+def validate(
+    me: MendEditor, val: list[EditRequest], cfg: TrainConfig, stack=None
+) -> dict[str, float]:
     """Mean losses and accuracies over the validation edits (editor frozen, stats fixed)."""
     me.editor.eval()
     totals: dict[str, list[float]] = {}
     with torch.no_grad():
         for i in range(0, len(val), cfg.batch_size):
             reqs = val[i : i + cfg.batch_size]
-            _, stats = edit_step(me, reqs, build_rows(reqs, val, cfg, None), cfg)
+            _, stats = edit_step(me, reqs, build_rows(reqs, val, cfg, None), cfg, stack)
             for k, v in stats.items():
                 totals.setdefault(k, []).append(v * len(reqs))
     me.editor.train()
@@ -234,6 +282,8 @@ def train(
         log_path.unlink(missing_ok=True)
     editor.to(next(model.parameters()).device).train()
     me = MendEditor(model, tokenizer, editor)
+    start_block = UpperStack.first_edited_block(model, names)
+    stack = None if cfg.reference or start_block is None else UpperStack(model, start_block)
     nets = [p for n, p in editor.named_parameters() if n != "log_alpha"]
     opt = torch.optim.Adam(
         [{"params": nets, "lr": cfg.lr}, {"params": [editor.log_alpha], "lr": cfg.alpha_lr}]
@@ -266,7 +316,9 @@ def train(
         agg: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             reqs = rng.sample(train_data, min(cfg.batch_size, len(train_data)))
-            loss, stats = edit_step(me, reqs, build_rows(reqs, train_data, cfg, rng, similar), cfg)
+            loss, stats = edit_step(
+                me, reqs, build_rows(reqs, train_data, cfg, rng, similar), cfg, stack
+            )
             (loss / cfg.grad_accum).backward()
             for k, v in stats.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
@@ -290,7 +342,7 @@ def train(
         out_of_time = cfg.minutes is not None and state["elapsed"] >= cfg.minutes * 60
         last_step = state["step"] >= cfg.max_steps or out_of_time
         if state["step"] % cfg.val_every == 0 or last_step:
-            val = validate(me, val_data, cfg)
+            val = validate(me, val_data, cfg, stack)
             improved = val["loss"] < state["best"]
             if improved:
                 state["best"], state["bad"], state["best_val"] = val["loss"], 0, val

@@ -14,10 +14,12 @@ class ArchSpec:
     Attributes:
         blocks: dotted path of the ModuleList of transformer blocks.
         mlp: MLP weight modules inside one block, in forward order.
+        final_norm: dotted path of the norm applied after the last block.
     """
 
     blocks: str
     mlp: tuple[str, ...]
+    final_norm: str
 
     def default_modules(self, n_blocks: int, last: int = 3) -> tuple[str, ...]:
         """The MLP matrices of the last `last` blocks (MEND_SPEC section 5)."""
@@ -25,16 +27,18 @@ class ArchSpec:
         return tuple(f"{self.blocks}.{i}.{m}" for i in range(first, n_blocks) for m in self.mlp)
 
 
-_LLAMA = ArchSpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+_LLAMA = ArchSpec("model.layers", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "model.norm")
 
 ARCHS: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "gpt2": ArchSpec("transformer.h", ("mlp.c_fc", "mlp.c_proj")),
-    "gpt_neox": ArchSpec("gpt_neox.layers", ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
-    "gptj": ArchSpec("transformer.h", ("mlp.fc_in", "mlp.fc_out")),
-    "gpt_neo": ArchSpec("transformer.h", ("mlp.c_fc", "mlp.c_proj")),
+    "gpt2": ArchSpec("transformer.h", ("mlp.c_fc", "mlp.c_proj"), "transformer.ln_f"),
+    "gpt_neox": ArchSpec(
+        "gpt_neox.layers", ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), "gpt_neox.final_layer_norm"
+    ),
+    "gptj": ArchSpec("transformer.h", ("mlp.fc_in", "mlp.fc_out"), "transformer.ln_f"),
+    "gpt_neo": ArchSpec("transformer.h", ("mlp.c_fc", "mlp.c_proj"), "transformer.ln_f"),
 }
 
 

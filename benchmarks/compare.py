@@ -1,0 +1,212 @@
+"""Side-by-side comparison of editing methods on one model: single, simultaneous, sequential edits.
+
+    python benchmarks/compare.py --editor runs/bench --name smollm2-135m [--quick]
+
+Writes docs/results/<name>.json, docs/results/<name>.md and PNG plots next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mend.baselines import FTEditor, GradEditor, NoEdit
+from mend.checkpoint import load_editor
+from mend.data import load_checked, resolve_data
+from mend.data.collate import context_length
+from mend.data.text import read_text, wikitext_prompts
+from mend.edit import MendEditor
+from mend.evaluate import METRICS, evaluate, perplexity, score, summarize
+from mend.models import load_model
+from mend.result import write_json
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+SHORT = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "locality",
+         "efficacy_score": "ES", "paraphrase_score": "PS", "neighborhood_score": "NS"}  # fmt: skip
+
+
+def make_methods(model, tok, editor_dir, grad_lr, ft_steps):
+    loc = wikitext_prompts(resolve_data("wikitext-valid"), 256)
+    return {
+        "mend": MendEditor(model, tok, load_editor(editor_dir, model)),
+        "ft": FTEditor(model, tok, max_steps=ft_steps),
+        "ft-kl": FTEditor(model, tok, max_steps=ft_steps, kl_weight=1.0, loc_prompts=loc),
+        "grad": GradEditor(model, tok, lr=grad_lr),
+        "none": NoEdit(model, tok),
+    }
+
+
+def tune_grad_lr(model, tok, edits) -> float:
+    """Pick the plain gradient step size with the best rewrite+rephrase+locality on held-out edits."""
+    best, best_lr = -1.0, None
+    for lr in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
+        r = evaluate(model, tok, GradEditor(model, tok, lr=lr), edits, progress=False)
+        total = r["rewrite_acc"] + r["rephrase_acc"] + (r["locality_acc"] or 0)
+        if total > best:
+            best, best_lr = total, lr
+    return best_lr
+
+
+def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits):
+    """Run 1: every method on every data set, one edit at a time, plus perplexity drawdown."""
+    out = {}
+    base_ppl = perplexity(model, tok, ppl_text)
+    for ds_name, edits in datasets.items():
+        stride = max(1, len(edits) // n_ppl_edits)
+        for name, method in methods.items():
+            ppls = []
+
+            def after(i, ppls=ppls, stride=stride):
+                if i % stride == 0 and len(ppls) < n_ppl_edits:
+                    ppls.append(perplexity(model, tok, ppl_text))
+
+            t = time.perf_counter()
+            rep = evaluate(model, tok, method, edits, progress=False, after_edit=after)
+            rep["ppl_pre"], rep["ppl_post"] = base_ppl, sum(ppls) / len(ppls)
+            rep["wall_seconds"] = time.perf_counter() - t
+            out.setdefault(ds_name, {})[name] = rep
+            print(f"[single] {ds_name:<12} {name:<6} " + fmt_row(rep))
+    return out
+
+
+def run_batched(model, tok, methods, edits, ks):
+    """Run 2: k edits applied as one batch; metrics over all edits."""
+    out = {}
+    for name in ("mend", "ft"):
+        for k in ks:
+            rep = evaluate(model, tok, methods[name], edits[: max(k, len(edits) // k * k)], batch_size=k,
+                           progress=False)  # fmt: skip
+            out.setdefault(name, {})[k] = rep
+            print(f"[batch k={k:<3}] {name:<6} " + fmt_row(rep))
+    return out
+
+
+def run_sequential(model, tok, methods, edits, every):
+    """Run 3: edits applied one after another; all earlier edits re-scored every `every` edits."""
+    out = {}
+    checkpoints = list(range(every, len(edits) + 1, every))
+    # Unedited predictions for each prefix, taken before any edit is applied.
+    base = {n: score(model, tok, edits[:n]) for n in checkpoints}
+    for name in ("mend", "ft"):
+        results, curve = [], []
+        try:
+            for i, req in enumerate(tqdm(edits, desc=f"sequential {name}", leave=False)):
+                results.append(methods[name].edit([req]))
+                if i + 1 in base:
+                    now = score(model, tok, edits[: i + 1], base[i + 1])
+                    curve.append({"n": i + 1, **summarize(now["metrics"])})
+                    print(f"[sequential] {name:<6} n={i + 1:<4} " + fmt_row(curve[-1]))
+        finally:
+            for r in reversed(results):
+                r.revert()
+        out[name] = curve
+    return out
+
+
+def fmt_row(rep) -> str:
+    return " ".join(f"{SHORT[k]}={rep[k]:.3f}" for k in METRICS if rep.get(k) is not None)
+
+
+def write_markdown(report, path: Path) -> None:
+    lines = [f"# Editing methods compared: {report['model']}", "",
+             f"Command: `{report['command']}`", ""]  # fmt: skip
+    head = "| data | method | " + " | ".join(SHORT[k] for k in METRICS)
+    head += " | ppl pre | ppl post | s/edit (median) |"
+    for ds, methods in report["single"].items():
+        lines += [f"## Single edits: {ds} (n={next(iter(methods.values()))['n_edits']})", "", head,
+                  "|" + "---|" * (len(METRICS) + 5)]  # fmt: skip
+        for name, r in methods.items():
+            cells = [f"{r[k]:.3f}" if r.get(k) is not None else "-" for k in METRICS]
+            lines.append(f"| {ds} | {name} | " + " | ".join(cells)
+                         + f" | {r['ppl_pre']:.2f} | {r['ppl_post']:.2f} | {r['edit_seconds_median']:.4f} |")  # fmt: skip
+        lines.append("")
+    lines += ["## Simultaneous edits (one batch of k edits)", "", "| method | k | "
+              + " | ".join(SHORT[k] for k in METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]  # fmt: skip
+    for name, by_k in report["batched"].items():
+        for k, r in by_k.items():
+            cells = [f"{r[m]:.3f}" if r.get(m) is not None else "-" for m in METRICS]
+            lines.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+    lines += ["", "## Sequential edits (applied one after another)", "", "| method | n | "
+              + " | ".join(SHORT[k] for k in METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]  # fmt: skip
+    for name, curve in report["sequential"].items():
+        for row in curve:
+            cells = [f"{row[m]:.3f}" if row.get(m) is not None else "-" for m in METRICS]
+            lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(report, prefix: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for run, xlabel in (("batched", "edits per batch k"), ("sequential", "edits applied")):
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for ax, metric in zip(axes, ("rewrite_acc", "rephrase_acc", "locality_acc"), strict=True):
+            for name, data in report[run].items():
+                rows = (
+                    [(int(k), r) for k, r in data.items()]
+                    if run == "batched"
+                    else [(r["n"], r) for r in data]
+                )
+                ax.plot([x for x, _ in rows], [r[metric] for _, r in rows], "o-", label=name)
+            ax.set_title(metric)
+            ax.set_xlabel(xlabel)
+            ax.set_ylim(-0.02, 1.02)
+            if run == "batched":
+                ax.set_xscale("log")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(f"{prefix}_{run}.png", dpi=90)
+        plt.close(fig)
+
+
+def main(argv=None) -> None:
+    import sys
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--editor", required=True)
+    ap.add_argument("--name", default="smollm2-135m")
+    ap.add_argument("--quick", action="store_true", help="a small version for smoke tests")
+    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--ft-steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = 10 if args.quick else args.limit
+    ks = [1, 5, 10] if args.quick else [1, 5, 25, 100]
+    n_batch = 10 if args.quick else 100
+    n_seq, every = (10, 5) if args.quick else (100, 10)
+
+    model, tok = load_model(args.model)
+    max_len = context_length(model)
+    cf = load_checked("counterfact-val", tok, max_len, limit=max(n, n_batch, n_seq))
+    zsre = load_checked("zsre-eval", tok, max_len, limit=n)
+    tune = load_checked("counterfact-train", tok, max_len)[-20:]
+    grad_lr = tune_grad_lr(model, tok, tune[:10] if args.quick else tune)
+    print(f"grad baseline step size: {grad_lr:g}")
+    methods = make_methods(model, tok, args.editor, grad_lr, args.ft_steps)
+    text = read_text(resolve_data("wikitext-valid"))
+    report = {"model": args.model, "editor": args.editor, "quick": args.quick, "grad_lr": grad_lr,
+              "command": "python " + " ".join(sys.argv)}  # fmt: skip
+    report["single"] = run_single(model, tok, methods, {"counterfact": cf[:n], "zsre": zsre[:n]},
+                                  text, 2 if args.quick else 10)  # fmt: skip
+    report["batched"] = run_batched(model, tok, methods, cf[:n_batch], ks)
+    report["sequential"] = run_sequential(model, tok, methods, cf[:n_seq], every)
+    name = args.name + ("-quick" if args.quick else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{name}.json", report)
+    write_markdown(report, RESULTS / f"{name}.md")
+    plot(report, RESULTS / name)
+    print(f"wrote {RESULTS / name}.json, .md and plots")
+
+
+if __name__ == "__main__":
+    main()
