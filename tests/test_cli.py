@@ -307,3 +307,23 @@ def test_missing_editor(env, tmp_path, capsys):
     report = tmp_path / "r.json"
     _fails(capsys, _eval_argv(env, tmp_path / "no-editor", report), "not an editor checkpoint")
     assert not report.exists()
+
+
+def test_edit_non_finite_editor(env, trained, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from mend.checkpoint import load_editor, model_identity, save_editor
+    from mend.models import load_model
+
+    editor = load_editor(trained)
+    with torch.no_grad():
+        editor.log_alpha.fill_(float("inf"))
+    model, _ = load_model(env["model"])
+    bad = tmp_path / "nan-editor"
+    save_editor(bad, editor, model_identity(model, editor.names))
+    assert torch.isinf(load_file(str(bad / WEIGHTS_FILE))["log_alpha"]).all()
+    out = tmp_path / "out"
+    argv = ["edit", "--model", env["model"], "--editor", str(bad), "--prompt", PROMPT,
+            "--target", TARGET, "--save-model", str(out)]  # fmt: skip
+    _fails(capsys, argv, "not finite")
+    assert not out.exists()

@@ -113,3 +113,19 @@ def test_per_row_groups_equal_separate_single_edits(tokenizer):
             with me.applied(f_i):
                 singles.append(scored_logits(model, me.batch([probe_pairs[i]])))
     torch.testing.assert_close(side_by_side, torch.cat(singles), rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_edit_is_refused_and_leaves_weights_alone(tokenizer):
+    import pytest
+    from conftest import tiny_model
+
+    from mend.errors import MendError
+
+    model = tiny_model("gpt2", len(tokenizer))
+    me = _editor_for(model, tokenizer)
+    with torch.no_grad():
+        next(iter(me.editor.nets.values())).blocks[0].up.weight.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MendError, match="not finite"):
+        me.edit(fact_requests(1))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -21,13 +21,17 @@ def test_upper_stack_reproduces_the_full_forward(family_model, tokenizer):
 
     names = [p.name for p in find_editable(family_model)]
     stack = UpperStack(family_model, UpperStack.first_edited_block(family_model, names))
-    batch = make_batch(tokenizer, [(r.prompt, r.target) for r in fact_requests(3)] + [("Bob is", None)])
+    batch = make_batch(
+        tokenizer, [(r.prompt, r.target) for r in fact_requests(3)] + [("Bob is", None)]
+    )
     full = stack.prepare(batch)
     torch.testing.assert_close(stack.logits(), full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(full, scored_logits(family_model, batch), rtol=0, atol=0)
 
 
-def test_fast_and_reference_steps_give_the_same_losses_and_editor_gradients(family_model, tokenizer):
+def test_fast_and_reference_steps_give_the_same_losses_and_editor_gradients(
+    family_model, tokenizer
+):
     model = family_model.requires_grad_(False)
     params = find_editable(model)
     cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05), loc_per_edit=2)
