@@ -24,8 +24,9 @@ def test_upper_stack_reproduces_the_full_forward(family_model, tokenizer):
     batch = make_batch(
         tokenizer, [(r.prompt, r.target) for r in fact_requests(3)] + [("Bob is", None)]
     )
-    full = stack.prepare(batch)
-    torch.testing.assert_close(stack.logits(), full, rtol=1e-5, atol=1e-6)
+    prepared = stack.prepare(batch)
+    full = prepared.base_logits
+    torch.testing.assert_close(stack.logits(prepared), full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(full, scored_logits(family_model, batch), rtol=0, atol=0)
 
 

@@ -27,11 +27,11 @@ from mend.checkpoint import (
     save_train_state,
 )
 from mend.config import TrainConfig
-from mend.edit import MendEditor
+from mend.edit import MendEditor, edit_loss
 from mend.editor.net import Editor
 from mend.errors import MendError
 from mend.grads import capture
-from mend.losses import kl_base_edited, masked_nll, row_nll
+from mend.losses import kl_base_edited, masked_nll
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable
@@ -133,32 +133,34 @@ def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows):
 def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], rows: StepRows):
     """Same results as `_forward_reference`, running the lower blocks once, without gradients.
 
-    One batch holds the edit rows, then the paraphrase rows, then the locality rows. A single
-    no-grad pass caches the input of the first edited block and gives the base logits; the
-    edit's gradient and the edited logits then rerun only the upper blocks.
+    The edit, paraphrase and locality rows are three tightly padded batches. One no-grad pass
+    of each caches the input of the first edited block (and gives the base logits); the edit's
+    gradient and the edited logits then rerun only the upper blocks.
     """
-    n_edit = len(reqs)
-    batch = me.batch(
-        [(r.prompt, r.target) for r in reqs] + rows.gen + rows.loc,
-        list(range(n_edit)) + rows.gen_group + rows.loc_group,
+    edit_b = me.batch([(r.prompt, r.target) for r in reqs])
+    edit_p = stack.prepare(edit_b)
+    captured, _ = capture(
+        me.model,
+        me.params,
+        edit_b,
+        lambda lg: edit_loss(lg, edit_b),
+        run=lambda: stack.logits(edit_p),
     )
-    base_all = stack.prepare(batch)  # (P, V), no grad
-    rows_of, labels = batch.pos_row, batch.labels[batch.pos_mask]
-    is_edit = rows_of < n_edit
-
-    def edit_only_loss(logits):
-        return row_nll(logits[is_edit], labels[is_edit], rows_of[is_edit], n_edit).sum()
-
-    captured, _ = capture(me.model, me.params, batch, edit_only_loss, run=stack.logits)
-    # Rows other than the edit rows have zero delta, so they carry no edit of their own.
-    factors = me.factors(batch, joint=False, captured=captured)
-    with me.applied(factors, batch.group):
-        edited = stack.logits()
+    factors = me.factors(edit_b, joint=False, captured=captured)
+    outs, base = [], None
+    for pairs, groups in ((rows.gen, rows.gen_group), (rows.loc, rows.loc_group)):
+        if not pairs:
+            continue
+        b = me.batch(pairs, groups)
+        prepared = stack.prepare(b)
+        with me.applied(factors, b.group):
+            outs.append((stack.logits(prepared), b.pos_row, b.labels[b.pos_mask]))
+        base = prepared.base_logits  # the locality batch comes last
     n_gen = len(rows.gen)
-    rest = ~is_edit
-    rows_rest = rows_of[rest] - n_edit
-    base = base_all[rest][rows_rest >= n_gen] if rows.loc else None
-    return edited[rest], base, rows_rest, labels[rest]
+    logits = torch.cat([o[0] for o in outs])
+    rows_of = torch.cat([outs[0][1]] + ([outs[1][1] + n_gen] if len(outs) > 1 else []))
+    labels = torch.cat([o[2] for o in outs])
+    return logits, (base if rows.loc else None), rows_of, labels
 
 
 def edit_step(

@@ -8,10 +8,22 @@ that enters the first edited block and the exact arguments each upper block was 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mend.models.archs import arch_for
 from mend.models.forward import scored_logits
+
+
+@dataclass
+class Prepared:
+    """A batch whose lower blocks have run: the top's input and each upper block's call."""
+
+    hidden: torch.Tensor  # (R, S, hidden) input of the first upper block
+    calls: list[tuple[tuple, dict]]  # (args, kwargs) each upper block was called with
+    pos_mask: torch.Tensor  # (R, S) scored positions
+    base_logits: torch.Tensor  # (P, V) unedited logits at the scored positions
 
 
 class UpperStack:
@@ -28,9 +40,6 @@ class UpperStack:
         self.blocks = list(model.get_submodule(arch.blocks))[start:]
         self.norm = model.get_submodule(arch.final_norm)
         self.head = model.get_output_embeddings()
-        self._calls: list[tuple[tuple, dict]] = []
-        self._hidden: torch.Tensor | None = None
-        self._pos_mask: torch.Tensor | None = None
 
     @staticmethod
     def first_edited_block(model, names: list[str]) -> int | None:
@@ -44,12 +53,12 @@ class UpperStack:
         return min(indices)
 
     @torch.no_grad()
-    def prepare(self, batch) -> torch.Tensor:
-        """Full no-grad forward of batch; returns its scored logits (P, V) and caches the top's input."""
-        self._calls = []
+    def prepare(self, batch) -> Prepared:
+        """Full no-grad forward of batch, keeping what `logits` needs and the base logits."""
+        calls = []
 
         def grab(module, args, kwargs):
-            self._calls.append((args, kwargs))
+            calls.append((args, kwargs))
 
         handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in self.blocks]
         try:
@@ -57,19 +66,18 @@ class UpperStack:
         finally:
             for h in handles:
                 h.remove()
-        args, kwargs = self._calls[0]
-        self._hidden = args[0] if args else kwargs["hidden_states"]
-        self._pos_mask = batch.pos_mask
-        return logits
+        args, kwargs = calls[0]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return Prepared(hidden, calls, batch.pos_mask, logits)
 
-    def logits(self) -> torch.Tensor:
-        """Scored logits (P, V) of the prepared batch, running only the upper blocks."""
-        h = self._hidden
-        for block, (args, kwargs) in zip(self.blocks, self._calls, strict=True):
+    def logits(self, prepared: Prepared) -> torch.Tensor:
+        """Scored logits (P, V) of a prepared batch, running only the upper blocks."""
+        h = prepared.hidden
+        for block, (args, kwargs) in zip(self.blocks, prepared.calls, strict=True):
             if args:
                 out = block(h, *args[1:], **kwargs)
             else:
                 out = block(**(kwargs | {"hidden_states": h}))
             h = out[0] if isinstance(out, tuple) else out
         h = self.norm(h)
-        return self.head(h[self._pos_mask]).float()
+        return self.head(h[prepared.pos_mask]).float()

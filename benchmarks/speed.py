@@ -1,0 +1,191 @@
+"""Speed of training and editing, measured side by side in one run.
+
+    python benchmarks/speed.py [--model smollm2-135m] [--steps 5] [--out docs/results/speed.md]
+
+Prints (and writes as Markdown + JSON):
+- one training step of the fast path vs the reference path, same batch: time, peak memory, ratio;
+- single-edit latency vs one plain no-grad forward pass of the same ~15-token prompt, ratio;
+- batched edit throughput (edits/s) for k = 1, 10, 100;
+- the median time per edit of the `ft` baseline.
+Peak memory is the process's peak resident set: each training path runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import random
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mend.baselines import FTEditor
+from mend.checkpoint import load_editor
+from mend.config import EditorConfig, TrainConfig
+from mend.data import load_checked
+from mend.data.collate import context_length
+from mend.edit import MendEditor
+from mend.editor import Editor
+from mend.models import find_editable, load_model
+from mend.models.upper import UpperStack
+from mend.result import write_json
+from mend.train import build_rows, edit_step, similar_index
+
+PROMPT = "The mother tongue of Danielle Darrieux, the French actress, is"  # ~15 tokens
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_steps(args, reference: bool, queue) -> None:
+    """Child process: time `steps` training steps of one path."""
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    model.requires_grad_(False)
+    data = load_checked("counterfact-train", tok, context_length(model))[:2000]
+    cfg = TrainConfig(
+        editor=EditorConfig(rank=args.rank), batch_size=args.batch, reference=reference
+    )
+    params = find_editable(model)
+    torch.manual_seed(0)
+    editor = Editor({p.name: p.in_out for p in params}, cfg.editor).train()
+    me = MendEditor(model, tok, editor)
+    start = UpperStack.first_edited_block(model, [p.name for p in params])
+    stack = None if reference else UpperStack(model, start)
+    similar = similar_index(data)
+    rss_before = _rss_mb()
+    times = []
+    for step in range(args.steps + 1):
+        rng = random.Random(step)
+        reqs = rng.sample(data, args.batch)
+        rows = build_rows(reqs, data, cfg, rng, similar)
+        t = time.perf_counter()
+        loss, _ = edit_step(me, reqs, rows, cfg, stack)
+        loss.backward()
+        if step:  # the first step warms up
+            times.append(time.perf_counter() - t)
+    queue.put({"step_seconds": statistics.median(times), "peak_rss_mb": _rss_mb(),
+               "rss_model_mb": rss_before})  # fmt: skip
+
+
+def train_speed(args) -> dict:
+    out = {}
+    ctx = mp.get_context("spawn")
+    for name, reference in (("fast", False), ("reference", True)):
+        q = ctx.Queue()
+        p = ctx.Process(target=_train_steps, args=(args, reference, q))
+        p.start()
+        out[name] = q.get()
+        p.join()
+        print(
+            f"train step {name:<9}: {out[name]['step_seconds']:.3f} s, peak RSS {out[name]['peak_rss_mb']:.0f} MB"
+        )
+    out["speedup"] = out["reference"]["step_seconds"] / out["fast"]["step_seconds"]
+    print(f"fast path speed-up: {out['speedup']:.2f}x")
+    return out
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def edit_speed(args, model, tok, editor: MendEditor, edits) -> dict:
+    from mend.types import EditRequest
+
+    ids = tok(PROMPT, return_tensors="pt")
+
+    @torch.no_grad()
+    def forward():
+        model(**ids, use_cache=False)
+
+    def one_edit():
+        editor.edit([EditRequest(PROMPT, "English")]).revert()
+
+    fwd = _median_time(forward, args.repeats)
+    edit = _median_time(one_edit, args.repeats)
+    res = {"prompt_tokens": ids["input_ids"].shape[1], "forward_seconds": fwd, "edit_seconds": edit,
+           "edit_over_forward": edit / fwd}  # fmt: skip
+    print(f"single edit {edit * 1e3:.1f} ms vs forward {fwd * 1e3:.1f} ms ({res['prompt_tokens']} tokens): "
+          f"{res['edit_over_forward']:.2f}x")  # fmt: skip
+    res["batched"] = {}
+    for k in (1, 10, 100):
+        batch = edits[:k]
+        sec = _median_time(lambda b=batch: editor.edit(b).revert(), max(2, args.repeats // 5))
+        res["batched"][k] = {"seconds": sec, "edits_per_second": k / sec}
+        print(f"batched edit k={k:<3}: {sec:.3f} s, {k / sec:.1f} edits/s")
+    return res
+
+
+def ft_speed(model, tok, edits) -> dict:
+    ft = FTEditor(model, tok)
+    times = []
+    for r in edits:
+        res = ft.edit([r])
+        times.append(res.seconds)
+        res.revert()
+    med = statistics.median(times)
+    print(f"ft baseline: {med:.3f} s per edit (median of {len(times)})")
+    return {"ft_seconds_median": med}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--editor", default=None, help="trained editor (default: an untrained one)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=1920)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default="docs/results/speed")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = {"model": args.model, "threads": args.threads, "batch": args.batch, "rank": args.rank}
+    report["train"] = train_speed(args)
+    model, tok = load_model(args.model)
+    edits = load_checked("counterfact-val", tok, context_length(model), limit=100)
+    if args.editor:
+        editor = load_editor(args.editor, model)
+    else:
+        params = find_editable(model)
+        editor = Editor({p.name: p.in_out for p in params}, EditorConfig(rank=args.rank))
+    me = MendEditor(model, tok, editor)
+    report["edit"] = edit_speed(args, model, tok, me, edits)
+    report["ft"] = ft_speed(model, tok, edits[:10])
+    report["mend_vs_ft"] = report["ft"]["ft_seconds_median"] / report["edit"]["edit_seconds"]
+    print(f"MEND edit is {report['mend_vs_ft']:.0f}x faster than ft")
+    write_json(Path(args.out + ".json"), report)
+    Path(args.out + ".md").write_text(to_markdown(report))
+    print(f"wrote {args.out}.json and .md")
+
+
+def to_markdown(r: dict) -> str:
+    t, e = r["train"], r["edit"]
+    lines = [f"# Speed: {r['model']} on CPU ({r['threads']} threads)", "",
+             "| measurement | value |", "|---|---|",
+             f"| train step, fast path (batch {r['batch']} edits) | {t['fast']['step_seconds']:.3f} s |",
+             f"| train step, reference path | {t['reference']['step_seconds']:.3f} s |",
+             f"| fast-path speed-up | {t['speedup']:.2f}x |",
+             f"| peak RSS fast / reference | {t['fast']['peak_rss_mb']:.0f} / {t['reference']['peak_rss_mb']:.0f} MB |",
+             f"| single edit ({e['prompt_tokens']}-token prompt) | {e['edit_seconds'] * 1e3:.1f} ms |",
+             f"| plain no-grad forward, same prompt | {e['forward_seconds'] * 1e3:.1f} ms |",
+             f"| edit / forward | {e['edit_over_forward']:.2f}x |"]  # fmt: skip
+    for k, b in e["batched"].items():
+        lines.append(f"| batched edit k={k} | {b['edits_per_second']:.1f} edits/s |")
+    lines.append(f"| ft baseline, median per edit | {r['ft']['ft_seconds_median']:.3f} s |")
+    lines.append(f"| MEND vs ft per edit | {r['mend_vs_ft']:.0f}x faster |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
