@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mend-installed
-DEMO_MINUTES ?= 6
+DEMO_MINUTES ?= 8
 
 .PHONY: setup demo test lint format clean
 

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--rank", type=int, default=1920)
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--batch-size", type=int, default=4, help="edits per step")
-    t.add_argument("--grad-accum", type=int, default=2)
+    t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--val-edits", type=int, default=64)
     t.add_argument("--c-loc", type=float, default=1.0)
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="train a small editor on CounterFact, then edit and score")
     _common(m)
-    m.add_argument("--minutes", type=float, default=6.0)
+    m.add_argument("--minutes", type=float, default=8.0)
     m.add_argument("--out", default="runs/demo")
     m.add_argument("--eval-limit", type=int, default=50)
     return ap

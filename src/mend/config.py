@@ -72,7 +72,7 @@ class TrainConfig:
     c_edit: float = 0.1
     c_loc: float = 1.0
     batch_size: int = 4  # independent single edits per step, run side by side
-    grad_accum: int = 2
+    grad_accum: int = 1
     clip: float = 100.0
     loc_per_edit: int = 4  # extra locality probes sampled from other records, per edit
     edit_loss_on_prompt: bool = True  # besides the paraphrases, also train x_e itself
