@@ -307,7 +307,9 @@ def train(
 
     stop_reason = "max_steps"
     start = time.perf_counter() - state["elapsed"]
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not progress, desc="train")
+    # With a time budget the step count is open-ended: show elapsed minutes instead of an ETA.
+    total = cfg.max_steps if cfg.minutes is None else None
+    bar = tqdm(total=total, initial=state["step"], disable=not progress, desc="train")
     while state["step"] < cfg.max_steps:
         step = state["step"]
         for group, lr in zip(opt.param_groups, base_lrs, strict=True):
@@ -339,7 +341,8 @@ def train(
         _write_log(log_path, record)
         bar.update(1)
         bar.set_postfix(loss=f"{agg['loss']:.3f}", edit=f"{agg.get('rephrase_acc', 0):.2f}",
-                        loc=f"{agg.get('locality_acc', 0):.2f}")  # fmt: skip
+                        loc=f"{agg.get('locality_acc', 0):.2f}",
+                        min=f"{state['elapsed'] / 60:.1f}/{cfg.minutes or '-'}")  # fmt: skip
 
         out_of_time = cfg.minutes is not None and state["elapsed"] >= cfg.minutes * 60
         last_step = state["step"] >= cfg.max_steps or out_of_time
