@@ -43,7 +43,7 @@ def make_methods(model, tok, editor_dir, grad_lr, ft_steps):
 def tune_grad_lr(model, tok, edits) -> float:
     """Pick the plain gradient step size with the best rewrite+rephrase+locality on held-out edits."""
     best, best_lr = -1.0, None
-    for lr in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
+    for lr in (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4):
         r = evaluate(model, tok, GradEditor(model, tok, lr=lr), edits, progress=False)
         total = r["rewrite_acc"] + r["rephrase_acc"] + (r["locality_acc"] or 0)
         if total > best:
