@@ -508,3 +508,31 @@ def test_shared_zsre_files_load(monkeypatch, toks):
     assert len(evals) == 1037
     assert all(r.target_true is not None for r in evals)
     check_requests(toks["sp"], evals[:50], 1 << 30)
+
+
+@pytest.mark.parametrize(
+    "record, needle",
+    [
+        ({"prompt": "A is", "target": "b", "rephrases": ["ok", 3]}, "'rephrases' must be"),
+        ({"prompt": "A is", "target": "b", "rephrases": 7}, "'rephrases' must be"),
+        ({"requested_rewrite": {"prompt": "{} is", "subject": "A", "target_new": 5,
+                                "target_true": {"str": "c"}}}, "'target_new' must be a string"),
+        ({"requested_rewrite": {"prompt": "no slot", "subject": "A", "target_new": {"str": "b"},
+                                "target_true": {"str": "c"}}}, "no '{}'"),
+    ],
+)  # fmt: skip
+def test_wrongly_typed_fields_are_clear_errors(tmp_path, record, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(MendError, match="record 0") as err:
+        load_requests(path)
+    assert needle in str(err.value)
+
+
+def test_rome_layout_accepts_plain_string_targets(tmp_path):
+    rec = {"requested_rewrite": {"prompt": "{} is", "subject": "A", "target_new": "b",
+                                 "target_true": "c"}}  # fmt: skip
+    path = tmp_path / "cf.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    (req,) = load_requests(path)
+    assert (req.prompt, req.target, req.target_true) == ("A is", "b", "c")

@@ -36,10 +36,25 @@ def _text(value: Any, key: str, where: str) -> str:
     return value
 
 
+def _texts(value: Any, key: str, where: str) -> tuple[str, ...]:
+    """A string or a list of strings -> a tuple of strings."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise MendError(f"{where}: {key!r} must be a string or a list of strings")
+    return tuple(value)
+
+
+def _rome_target(value: Any, key: str, where: str) -> str:
+    """ROME stores targets as {"str": ...}; a plain string is accepted too."""
+    if isinstance(value, dict) and "str" in value:
+        value = value["str"]
+    return _text(value, key, where)
+
+
 def _counterfact_easyedit(rec: dict, where: str) -> EditRequest:
     _need(rec, ("prompt", "target_new", "ground_truth"), where)
-    reph = rec.get("rephrase_prompt")
-    reph = [reph] if isinstance(reph, str) else list(reph or [])
+    reph = _texts(rec.get("rephrase_prompt") or (), "rephrase_prompt", where)
     loc_prompt = rec.get("locality_prompt")
     locality, neighborhood = (), ()
     if loc_prompt:
@@ -49,7 +64,7 @@ def _counterfact_easyedit(rec: dict, where: str) -> EditRequest:
     return EditRequest(
         prompt=_text(rec["prompt"], "prompt", where),
         target=_text(rec["target_new"], "target_new", where),
-        rephrases=tuple(reph),
+        rephrases=reph,
         locality=locality,
         target_true=rec["ground_truth"],
         neighborhood=neighborhood,
@@ -60,12 +75,15 @@ def _counterfact_rome(rec: dict, where: str) -> EditRequest:
     _need(rec, ("requested_rewrite",), where)
     rw = rec["requested_rewrite"]
     _need(rw, ("prompt", "subject", "target_new", "target_true"), where)
-    true = rw["target_true"]["str"]
-    neighbors = tuple(rec.get("neighborhood_prompts", ()))
+    true = _rome_target(rw["target_true"], "target_true", where)
+    neighbors = _texts(rec.get("neighborhood_prompts", ()), "neighborhood_prompts", where)
+    prompt = _text(rw["prompt"], "prompt", where)
+    if "{}" not in prompt:
+        raise MendError(f"{where}: requested_rewrite prompt has no '{{}}' for the subject")
     return EditRequest(
-        prompt=rw["prompt"].format(rw["subject"]),
-        target=rw["target_new"]["str"],
-        rephrases=tuple(rec.get("paraphrase_prompts", ())),
+        prompt=prompt.format(_text(rw["subject"], "subject", where)),
+        target=_rome_target(rw["target_new"], "target_new", where),
+        rephrases=_texts(rec.get("paraphrase_prompts", ()), "paraphrase_prompts", where),
         locality=tuple(Probe(p, true) for p in neighbors),
         target_true=true,
         neighborhood=neighbors,
@@ -76,8 +94,7 @@ def _zsre(rec: dict, where: str) -> EditRequest | None:
     _need(rec, ("src", "alt"), where)
     if isinstance(rec["alt"], str) and not rec["alt"].strip():
         return None  # the public MEND zsRE train split has a few records with no new answer
-    reph = rec.get("rephrase")
-    reph = [reph] if isinstance(reph, str) else list(reph or [])
+    reph = _texts(rec.get("rephrase") or (), "rephrase", where)
     locality = ()
     if rec.get("loc"):
         locality = (Probe(_text(rec["loc"], "loc", where), rec.get("loc_ans") or None),)
@@ -85,7 +102,7 @@ def _zsre(rec: dict, where: str) -> EditRequest | None:
     return EditRequest(
         prompt=_text(rec["src"], "src", where),
         target=_text(rec["alt"], "alt", where),
-        rephrases=tuple(reph),
+        rephrases=reph,
         locality=locality,
         target_true=answers[0] if answers else None,
     )
@@ -100,14 +117,13 @@ def _jsonl(rec: dict, where: str) -> EditRequest:
         else:
             _need(p, ("prompt",), f"{where} locality probe")
             probes.append(Probe(_text(p["prompt"], "prompt", where), p.get("answer")))
-    reph = rec.get("rephrases", ())
     return EditRequest(
         prompt=_text(rec["prompt"], "prompt", where),
         target=_text(rec["target"], "target", where),
-        rephrases=(reph,) if isinstance(reph, str) else tuple(reph),
+        rephrases=_texts(rec.get("rephrases", ()), "rephrases", where),
         locality=tuple(probes),
         target_true=rec.get("target_true"),
-        neighborhood=tuple(rec.get("neighborhood", ())),
+        neighborhood=_texts(rec.get("neighborhood", ()), "neighborhood", where),
     )
 
 
