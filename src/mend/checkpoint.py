@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from mend.config import EditorConfig
 from mend.editor.net import Editor
 from mend.errors import MendError
 from mend.models.params import find_editable
-from mend.result import write_json
+from mend.result import atomic_write, write_json
 
 FORMAT = "mend-editor-v1"
 CONFIG_FILE = "editor_config.json"
@@ -50,24 +48,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_save(write, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_editor(folder: str | Path, editor: Editor, identity: dict[str, Any], extra=None) -> None:
     """Write editor_config.json and editor.safetensors into folder (each file atomically)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in editor.state_dict().items()}
-    _atomic_save(
-        lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}), folder / WEIGHTS_FILE
+    atomic_write(
+        folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT})
     )
     config = {
         "format": FORMAT,
@@ -149,7 +136,7 @@ def load_editor(folder: str | Path, model=None) -> Editor:
 def save_train_state(folder: str | Path, state: dict[str, Any]) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_save(lambda tmp: torch.save(state, tmp), folder / STATE_FILE)
+    atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def load_train_state(folder: str | Path) -> dict[str, Any]:

@@ -31,6 +31,20 @@ def atomic_dir(path: str | Path):
     return tmp, commit
 
 
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path) on a temporary sibling of path, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class EditResult:
     """An applied edit. The model's weights are already changed in place.
 
@@ -79,18 +93,9 @@ class EditResult:
 
     def save_delta(self, path: str | Path) -> None:
         """Export only the weight change as safetensors (apply it with `apply_delta`)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{n}.weight": d.detach().float().contiguous() for n, d in self.deltas.items()}
         meta = {"format": DELTA_FORMAT, "model": str(self.model.config.name_or_path)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def apply_delta(model, path: str | Path) -> EditResult:
@@ -113,13 +118,9 @@ def apply_delta(model, path: str | Path) -> EditResult:
 
 def write_json(path: str | Path, data) -> None:
     """Write JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def write(tmp):
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
