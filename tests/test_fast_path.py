@@ -12,7 +12,7 @@ from mend.edit import MendEditor
 from mend.editor import Editor
 from mend.models import find_editable
 from mend.models.forward import scored_logits
-from mend.models.upper import UpperStack
+from mend.models.upper import RowCache, UpperStack
 from mend.train import build_rows, edit_step
 
 
@@ -28,6 +28,45 @@ def test_upper_stack_reproduces_the_full_forward(family_model, tokenizer):
     full = prepared.base_logits
     torch.testing.assert_close(stack.logits(prepared), full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(full, scored_logits(family_model, batch), rtol=0, atol=0)
+
+
+def test_row_cache_skips_the_lower_blocks_and_changes_nothing(family_model, tokenizer):
+    from mend.data.collate import make_batch
+
+    names = [p.name for p in find_editable(family_model)]
+    start = UpperStack.first_edited_block(family_model, names)
+    plain = UpperStack(family_model, start)
+    cache = RowCache(max_bytes=1 << 30)
+    cached = UpperStack(family_model, start, cache)
+    pairs = [(r.prompt, r.target) for r in fact_requests(6)] + [("Bob is", None)]
+    # A pass-through skips the block's insides: count the rows reaching one of its matrices.
+    inner = next(
+        m
+        for m in cached.lower[0].modules()
+        if getattr(m, "weight", None) is not None and m.weight.dim() == 2
+    )
+    calls = []
+    counter = inner.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    # None cached, then a mix (4 known rows, 3 new, in a new order), then all known.
+    for rows, lower_rows in (([0, 1, 2, 3], 4), ([5, 2, 4, 0, 6, 1, 3], 3), ([6, 3, 0], 0)):
+        batch = make_batch(tokenizer, [pairs[i] for i in rows])
+        want = plain.prepare(batch)
+        calls.clear()
+        got = cached.prepare(batch)
+        assert sum(calls) == lower_rows  # only unknown rows go through the lower blocks
+        torch.testing.assert_close(got.base_logits, want.base_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cached.logits(got), want.base_logits, rtol=1e-5, atol=1e-5)
+        # Without base logits, a known batch runs no block: only the calls are recorded.
+        calls.clear()
+        bare = cached.prepare(batch, base_logits=False)
+        assert bare.base_logits is None and sum(calls) == 0
+        torch.testing.assert_close(cached.logits(bare), want.base_logits, rtol=1e-5, atol=1e-5)
+    assert len(cache) == 7 and cache.hits == (0 + 4) + (4 + 7) + (3 + 3)
+    # The pass-throughs were removed again: a plain forward still runs every block.
+    calls.clear()
+    scored_logits(family_model, make_batch(tokenizer, pairs[:2]))
+    counter.remove()
+    assert sum(calls) == 2
 
 
 def test_fast_and_reference_steps_give_the_same_losses_and_editor_gradients(

@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--reference", action="store_true", help="slow full-model path (for checking)")
+    t.add_argument("--limit", type=int, default=None, help="use only the first N training edits")
+    t.add_argument(
+        "--row-cache-mb", type=int, default=4096,
+        help="memory for reusing lower-block activations of rows seen before (0: off)",
+    )  # fmt: skip
 
     e = sub.add_parser("eval", help="evaluate an editor (or a baseline) on a data set")
     _common(e)
@@ -106,9 +111,12 @@ def cmd_train(args) -> int:
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
         val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, seed=args.seed,
         loc_per_edit=args.loc_per_edit, cosine=args.cosine, reference=args.reference,
+        row_cache_mb=args.row_cache_mb,
     )  # fmt: skip
+    if args.limit is not None and args.limit < 2:
+        raise MendError("--limit must be >= 2")
     model, tok = _load(args)
-    data = _load_data(args.data, tok, model)
+    data = _load_data(args.data, tok, model, args.limit)
     if args.val:
         val = _load_data(args.val, tok, model)
     else:

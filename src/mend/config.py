@@ -84,6 +84,7 @@ class TrainConfig:
     warmup_steps: int = 50
     cosine: bool = False  # cosine-decay the learning rates to 10% at max_steps
     reference: bool = False  # run full forward passes instead of caching the lower blocks
+    row_cache_mb: int = 4096  # memory for reusing the lower blocks' output per row (0: off)
     seed: int = 0
 
     def __post_init__(self):
@@ -95,6 +96,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "val_every", "val_edits"):
             if getattr(self, name) < 1:
                 raise MendError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.row_cache_mb < 0:
+            raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
         if self.c_edit < 0 or self.c_loc < 0:
             raise MendError("c_edit and c_loc must be >= 0")
         if self.minutes is not None and not self.minutes > 0:

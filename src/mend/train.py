@@ -35,7 +35,7 @@ from mend.losses import kl_base_edited, masked_nll
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable
-from mend.models.upper import UpperStack
+from mend.models.upper import RowCache, UpperStack
 from mend.types import EditRequest, Probe
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,13 @@ def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows):
 def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], rows: StepRows):
     """Same results as `_forward_reference`, running the lower blocks once, without gradients.
 
-    The edit, paraphrase and locality rows are three tightly padded batches. One no-grad pass
-    of each caches the input of the first edited block (and gives the base logits); the edit's
-    gradient and the edited logits then rerun only the upper blocks.
+    The edit, paraphrase and locality rows are three tightly padded batches. A no-grad pass
+    of each caches the input of the first edited block (and gives the base logits of the
+    locality rows); the edit's gradient and the edited logits then rerun only the upper
+    blocks. With the stack's RowCache, rows seen before skip the lower blocks altogether.
     """
     edit_b = me.batch([(r.prompt, r.target) for r in reqs])
-    edit_p = stack.prepare(edit_b)
+    edit_p = stack.prepare(edit_b, base_logits=False)
     captured, _ = capture(
         me.model,
         me.params,
@@ -148,11 +149,12 @@ def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], ro
     )
     factors = me.factors(edit_b, joint=False, captured=captured)
     outs, base = [], None
-    for pairs, groups in ((rows.gen, rows.gen_group), (rows.loc, rows.loc_group)):
+    gen, loc = (rows.gen, rows.gen_group, False), (rows.loc, rows.loc_group, True)
+    for pairs, groups, is_loc in (gen, loc):
         if not pairs:
             continue
         b = me.batch(pairs, groups)
-        prepared = stack.prepare(b)
+        prepared = stack.prepare(b, base_logits=is_loc)
         with me.applied(factors, b.group):
             outs.append((stack.logits(prepared), b.pos_row, b.labels[b.pos_mask]))
         base = prepared.base_logits  # the locality batch comes last
@@ -285,7 +287,10 @@ def train(
     editor.to(next(model.parameters()).device).train()
     me = MendEditor(model, tokenizer, editor)
     start_block = UpperStack.first_edited_block(model, names)
-    stack = None if cfg.reference or start_block is None else UpperStack(model, start_block)
+    stack = None
+    if not cfg.reference and start_block is not None:
+        cache = RowCache(cfg.row_cache_mb << 20) if cfg.row_cache_mb else None
+        stack = UpperStack(model, start_block, cache)
     nets = [p for n, p in editor.named_parameters() if n != "log_alpha"]
     opt = torch.optim.Adam(
         [{"params": nets, "lr": cfg.lr}, {"params": [editor.log_alpha], "lr": cfg.alpha_lr}]

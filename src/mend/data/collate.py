@@ -80,6 +80,18 @@ class TokenBatch:
     def to(self, device) -> TokenBatch:
         return TokenBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
+    def select(self, rows: list[int]) -> TokenBatch:
+        """The given rows only, trimmed to their longest input."""
+        idx = torch.tensor(rows, device=self.input_ids.device)
+        width = int(self.attention_mask[idx].sum(1).max())
+        return TokenBatch(
+            *(
+                getattr(self, f)[idx][:, :width]
+                for f in ("input_ids", "attention_mask", "pos_mask", "labels")
+            ),
+            self.group[idx],
+        )
+
 
 def context_length(model) -> int:
     """The longest input the model accepts."""

@@ -4,6 +4,12 @@ Edits touch only the last few blocks, so everything below them is the same with 
 edit. `UpperStack.prepare` runs the whole model once without gradients, keeping the hidden state
 that enters the first edited block and the exact arguments each upper block was called with;
 `UpperStack.logits` then reruns just those blocks (with gradients, under any edit hooks).
+
+Training sees the same rows (a prompt with its target) again and again: every epoch, and as
+locality inputs of other edits. With a `RowCache`, the hidden state entering the first upper
+block is kept per row, and a batch whose rows are all known skips the lower blocks entirely:
+they are swapped for pass-throughs while the model's own forward still builds the masks and
+position embeddings each upper block needs.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from mend.models.archs import arch_for
-from mend.models.forward import scored_logits
 
 
 @dataclass
@@ -23,7 +28,43 @@ class Prepared:
     hidden: torch.Tensor  # (R, S, hidden) input of the first upper block
     calls: list[tuple[tuple, dict]]  # (args, kwargs) each upper block was called with
     pos_mask: torch.Tensor  # (R, S) scored positions
-    base_logits: torch.Tensor  # (P, V) unedited logits at the scored positions
+    base_logits: torch.Tensor | None  # (P, V) unedited logits at the scored positions
+
+
+class RowCache:
+    """Hidden states entering the first upper block, one (tokens, hidden) tensor per row.
+
+    Keyed by the row's token ids, so a hit is exact. Stops storing (but keeps serving) once
+    `max_bytes` is reached.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.rows: dict[tuple[int, ...], torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
+        return self.rows.get(key)
+
+    def put(self, key: tuple[int, ...], hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self.rows[key] = hidden.clone()
+            self.bytes += size
+
+
+def _pass_through(n_outputs: int | None):
+    """A stand-in for a skipped block: returns its input hidden state in the block's format."""
+
+    def forward(*args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return h if n_outputs is None else (h,) + (None,) * (n_outputs - 1)
+
+    return forward
 
 
 class UpperStack:
@@ -32,14 +73,19 @@ class UpperStack:
     Args:
         model: a causal LM of a family in the architecture table.
         start: index of the first block to rerun.
+        cache: a RowCache to reuse the lower blocks' output across calls (None: no reuse).
     """
 
-    def __init__(self, model, start: int):
+    def __init__(self, model, start: int, cache: RowCache | None = None):
         arch = arch_for(model)
         self.model = model
-        self.blocks = list(model.get_submodule(arch.blocks))[start:]
+        all_blocks = list(model.get_submodule(arch.blocks))
+        self.lower, self.blocks = all_blocks[:start], all_blocks[start:]
         self.norm = model.get_submodule(arch.final_norm)
         self.head = model.get_output_embeddings()
+        self.cache = cache
+        self._n_outputs: int | None = None  # a block's output: a tensor (None) or a tuple
+        self._format_known = False  # set by the first full forward
 
     @staticmethod
     def first_edited_block(model, names: list[str]) -> int | None:
@@ -53,22 +99,81 @@ class UpperStack:
         return min(indices)
 
     @torch.no_grad()
-    def prepare(self, batch) -> Prepared:
-        """Full no-grad forward of batch, keeping what `logits` needs and the base logits."""
+    def prepare(self, batch, base_logits: bool = True) -> Prepared:
+        """No-grad forward of batch, keeping what `logits` needs.
+
+        Args:
+            base_logits: also compute the unedited logits at the scored positions. Without
+                them, a batch whose rows are all cached runs no block at all.
+        """
+        if self.cache is None or not self.lower:
+            return self._run(batch)
+        lengths = batch.attention_mask.sum(1).tolist()
+        keys = [tuple(batch.input_ids[r, :n].tolist()) for r, n in enumerate(lengths)]
+        found = [self.cache.get(k) for k in keys]
+        missing = [r for r, h in enumerate(found) if h is None]
+        self.cache.hits += len(keys) - len(missing)
+        self.cache.misses += len(missing)
+        if len(missing) == len(keys) or not self._format_known:
+            prepared = self._run(batch)
+            for r, n in enumerate(lengths):
+                self.cache.put(keys[r], prepared.hidden[r, :n])
+            return prepared
+        if missing:
+            fresh = self._run(batch.select(missing), logits=False).hidden
+            for i, r in enumerate(missing):
+                found[r] = fresh[i, : lengths[r]]
+                self.cache.put(keys[r], found[r])
+        hidden = found[0].new_zeros(*batch.input_ids.shape, found[0].shape[-1])
+        for r, h in enumerate(found):
+            hidden[r, : lengths[r]] = h
+        return self._run(batch, hidden, logits=base_logits)
+
+    def _run(self, batch, hidden: torch.Tensor | None = None, logits: bool = True) -> Prepared:
+        """The model's forward, recording each upper block's call.
+
+        With `hidden`, the lower blocks are pass-throughs and `hidden` enters the first upper
+        block in place of what they would have computed. Without `logits`, the upper blocks
+        are pass-throughs too: only their calls are recorded.
+        """
         calls = []
 
         def grab(module, args, kwargs):
+            if hidden is not None and not calls:
+                if args:
+                    args = (hidden,) + tuple(args[1:])
+                else:
+                    kwargs = kwargs | {"hidden_states": hidden}
             calls.append((args, kwargs))
+            return args, kwargs
+
+        def shape(module, args, output):
+            self._n_outputs = len(output) if isinstance(output, tuple) else None
+            self._format_known = True
 
         handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in self.blocks]
+        if hidden is None:
+            handles.append(self.blocks[0].register_forward_hook(shape))
+        skipped = (self.lower if hidden is not None else []) + (self.blocks if not logits else [])
+        saved = [b.__dict__.get("forward") for b in skipped]
         try:
-            logits = scored_logits(self.model, batch)
+            for b in skipped:
+                b.forward = _pass_through(self._n_outputs)
+            out = self.model.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            )
         finally:
             for h in handles:
                 h.remove()
+            for b, f in zip(skipped, saved, strict=True):
+                if f is None:
+                    del b.forward
+                else:
+                    b.forward = f
+        base = self.head(out.last_hidden_state[batch.pos_mask]).float() if logits else None
         args, kwargs = calls[0]
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return Prepared(hidden, calls, batch.pos_mask, logits)
+        first = args[0] if args else kwargs["hidden_states"]
+        return Prepared(first, calls, batch.pos_mask, base)
 
     def logits(self, prepared: Prepared) -> torch.Tensor:
         """Scored logits (P, V) of a prepared batch, running only the upper blocks."""
