@@ -32,28 +32,29 @@ class Prepared:
 
 
 class RowCache:
-    """Hidden states entering the first upper block, one (tokens, hidden) tensor per row.
+    """Per row: the hidden states entering the first upper block and leaving the final norm.
 
-    Keyed by the row's token ids, so a hit is exact. Stops storing (but keeps serving) once
+    Keyed by the row's token ids, so a hit is exact. The second tensor gives the unedited
+    logits of a row without running any block. Stops storing (but keeps serving) once
     `max_bytes` is reached.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.rows: dict[tuple[int, ...], torch.Tensor] = {}
+        self.rows: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
+    def get(self, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.rows.get(key)
 
-    def put(self, key: tuple[int, ...], hidden: torch.Tensor) -> None:
-        size = hidden.numel() * hidden.element_size()
+    def put(self, key: tuple[int, ...], first: torch.Tensor, final: torch.Tensor) -> None:
+        size = (first.numel() + final.numel()) * first.element_size()
         if self.bytes + size <= self.max_bytes:
-            self.rows[key] = hidden.clone()
+            self.rows[key] = (first.clone(), final.clone())
             self.bytes += size
 
 
@@ -103,58 +104,67 @@ class UpperStack:
         """No-grad forward of batch, keeping what `logits` needs.
 
         Args:
-            base_logits: also compute the unedited logits at the scored positions. Without
-                them, a batch whose rows are all cached runs no block at all.
+            base_logits: also compute the unedited logits at the scored positions.
         """
         if self.cache is None or not self.lower:
-            return self._run(batch)
+            prepared, final = self._run(batch)
+            if base_logits:
+                prepared.base_logits = self._head(final, batch.pos_mask)
+            return prepared
         lengths = batch.attention_mask.sum(1).tolist()
         keys = [tuple(batch.input_ids[r, :n].tolist()) for r, n in enumerate(lengths)]
-        found = [self.cache.get(k) for k in keys]
-        missing = [r for r, h in enumerate(found) if h is None]
+        rows = [self.cache.get(k) for k in keys]
+        missing = [r for r, row in enumerate(rows) if row is None]
         self.cache.hits += len(keys) - len(missing)
         self.cache.misses += len(missing)
-        if len(missing) == len(keys) or not self._format_known:
-            prepared = self._run(batch)
-            for r, n in enumerate(lengths):
-                self.cache.put(keys[r], prepared.hidden[r, :n])
-            return prepared
         if missing:
-            fresh = self._run(batch.select(missing), logits=False).hidden
-            for i, r in enumerate(missing):
-                found[r] = fresh[i, : lengths[r]]
-                self.cache.put(keys[r], found[r])
-        hidden = found[0].new_zeros(*batch.input_ids.shape, found[0].shape[-1])
-        for r, h in enumerate(found):
-            hidden[r, : lengths[r]] = h
-        return self._run(batch, hidden, logits=base_logits)
+            everything = len(missing) == len(keys) or not self._format_known
+            sub = batch if everything else batch.select(missing)
+            fresh, final = self._run(sub)
+            for i, r in enumerate(range(len(keys)) if everything else missing):
+                rows[r] = (fresh.hidden[i, : lengths[r]], final[i, : lengths[r]])
+                self.cache.put(keys[r], *rows[r])
+            if everything:
+                if base_logits:
+                    fresh.base_logits = self._head(final, batch.pos_mask)
+                return fresh
+        first, final = (self._pad([row[i] for row in rows], lengths) for i in (0, 1))
+        prepared, _ = self._run(batch, first)
+        if base_logits:
+            prepared.base_logits = self._head(final, batch.pos_mask)
+        return prepared
 
-    def _run(self, batch, hidden: torch.Tensor | None = None, logits: bool = True) -> Prepared:
+    @staticmethod
+    def _pad(rows: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+        out = rows[0].new_zeros(len(rows), max(lengths), rows[0].shape[-1])
+        for r, h in enumerate(rows):
+            out[r, : lengths[r]] = h
+        return out
+
+    def _head(self, final: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(final[pos_mask]).float()
+
+    def _run(self, batch, first: torch.Tensor | None = None):
         """The model's forward, recording each upper block's call.
 
-        With `hidden`, the lower blocks are pass-throughs and `hidden` enters the first upper
-        block in place of what they would have computed. Without `logits`, the upper blocks
-        are pass-throughs too: only their calls are recorded.
+        Without `first`, a plain forward; returns (Prepared, final normed hidden states).
+        With `first` (the cached input of the first upper block), every block is a
+        pass-through: the forward only builds what each upper block is called with (masks,
+        position embeddings), and `first` is recorded as the upper blocks' input.
         """
         calls = []
 
         def grab(module, args, kwargs):
-            if hidden is not None and not calls:
-                if args:
-                    args = (hidden,) + tuple(args[1:])
-                else:
-                    kwargs = kwargs | {"hidden_states": hidden}
             calls.append((args, kwargs))
-            return args, kwargs
 
         def shape(module, args, output):
             self._n_outputs = len(output) if isinstance(output, tuple) else None
             self._format_known = True
 
         handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in self.blocks]
-        if hidden is None:
+        if first is None:
             handles.append(self.blocks[0].register_forward_hook(shape))
-        skipped = (self.lower if hidden is not None else []) + (self.blocks if not logits else [])
+        skipped = self.lower + self.blocks if first is not None else []
         saved = [b.__dict__.get("forward") for b in skipped]
         try:
             for b in skipped:
@@ -170,10 +180,10 @@ class UpperStack:
                     del b.forward
                 else:
                     b.forward = f
-        base = self.head(out.last_hidden_state[batch.pos_mask]).float() if logits else None
-        args, kwargs = calls[0]
-        first = args[0] if args else kwargs["hidden_states"]
-        return Prepared(first, calls, batch.pos_mask, base)
+        if first is None:
+            args, kwargs = calls[0]
+            first = args[0] if args else kwargs["hidden_states"]
+        return Prepared(first, calls, batch.pos_mask, None), out.last_hidden_state
 
     def logits(self, prepared: Prepared) -> torch.Tensor:
         """Scored logits (P, V) of a prepared batch, running only the upper blocks."""
