@@ -140,7 +140,7 @@ def main(argv=None) -> None:
         "--tiny", action="store_true", help="tiny configs on CPU (keeps the script tested)"
     )
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--rank", type=int, default=1920)
+    ap.add_argument("--rank", type=int, default=512)
     ap.add_argument("--only", nargs="*", help="model names to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

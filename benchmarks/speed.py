@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     ap.add_argument("--editor", default=None, help="trained editor (default: an untrained one)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=1920)
+    ap.add_argument("--rank", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="docs/results/speed")

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--max-steps", type=int, default=2000)
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
-    t.add_argument("--rank", type=int, default=1920)
+    t.add_argument("--rank", type=int, default=512, help="editor rank (MEND paper: 1920)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--batch-size", type=int, default=4, help="edits per step")
     t.add_argument("--grad-accum", type=int, default=1)
