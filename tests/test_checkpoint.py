@@ -23,6 +23,7 @@ from mend.config import EditorConfig
 from mend.edit import MendEditor
 from mend.editor import Editor
 from mend.errors import MendError
+from mend.grads import key_moments
 from mend.models import find_editable, load_model
 from mend.models.forward import scored_logits
 from mend.result import apply_delta
@@ -50,6 +51,8 @@ def _trained_looking_editor(model, tok, seed: int = 3) -> MendEditor:
         for prm in editor.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
     me = MendEditor(model, tok, editor)
+    texts = [(r.prompt, r.target) for r in fact_requests(12, seed=4)]
+    editor.set_key_moments(key_moments(model, me.params, [me.batch(texts)]))
     editor.train()
     with torch.no_grad():
         me.factors(me.batch([(r.prompt, r.target) for r in fact_requests(6, seed=5)]))
@@ -106,6 +109,10 @@ def test_round_trip_gives_bit_identical_edits(setup, tok):
         assert torch.equal(original[name], reloaded[name]), name
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # both edits were reverted exactly
+
+    # The key preconditioners were saved: not the identity they start as.
+    p0 = loaded.preconditioner(name=me.editor.names[0])
+    assert not torch.allclose(p0, torch.eye(len(p0)))
 
     # The statistics matter: the same editor without them edits differently.
     blank = load_editor(folder, model)

@@ -64,3 +64,12 @@ def test_editor_output_routes_tokens_back_to_their_matrix():
     # Same inputs through matrix a's and matrix b's FiLM parameters differ.
     via_a = ed({"a": (ub, db)})["a"][0]
     assert (via_a - alone["b"][0]).abs().max() > 1e-3
+
+
+def test_configs_saved_before_preconditioning_load_as_plain_mend():
+    assert EditorConfig().precondition == 0.1
+    assert EditorConfig.from_dict({"rank": 8}).precondition is None
+    assert EditorConfig.from_dict(EditorConfig().to_dict()) == EditorConfig()
+    plain = Editor({"w": (3, 4)}, EditorConfig(precondition=None))
+    assert plain.preconditioner("w") is None
+    assert not any(k.startswith("precond") for k in plain.state_dict())

@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--reference", action="store_true", help="slow full-model path (for checking)")
     t.add_argument("--limit", type=int, default=None, help="use only the first N training edits")
     t.add_argument(
+        "--precondition", type=float, default=0.1,
+        help="ridge lambda of the key preconditioner on u~ (ROME-style C^-1; 0: plain MEND)",
+    )  # fmt: skip
+    t.add_argument(
         "--row-cache-mb", type=int, default=4096,
         help="memory for reusing lower-block activations of rows seen before (0: off)",
     )  # fmt: skip
@@ -106,7 +110,10 @@ def cmd_train(args) -> int:
     from mend.train import train
 
     cfg = TrainConfig(
-        editor=EditorConfig(rank=args.rank, edit_modules=tuple(args.edit_modules)),
+        editor=EditorConfig(
+            rank=args.rank, edit_modules=tuple(args.edit_modules),
+            precondition=args.precondition or None,
+        ),
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
         val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, seed=args.seed,

@@ -37,6 +37,9 @@ class EditorConfig:
         share: one editor per distinct (in, out) weight shape; False gives one per matrix.
         edit_modules: module names (relative to the model) whose weights are edited; empty
             means the architecture's default (MLP matrices of the last 3 blocks).
+        precondition: ridge lambda of the key preconditioner (C / mean eig + lambda I)^-1
+            applied to every u~, C being the second moment of the matrix's inputs (see
+            editor/net.py); None is plain MEND.
     """
 
     rank: int = 512  # the paper used 1920; 512 trains as well here and edits faster
@@ -44,6 +47,7 @@ class EditorConfig:
     init_alpha: float = 1e-4
     share: bool = True
     edit_modules: tuple[str, ...] = ()
+    precondition: float | None = 0.1
 
     def __post_init__(self):
         if self.rank < 1:
@@ -52,6 +56,10 @@ class EditorConfig:
             raise MendError(f"n_blocks must be >= 0, got {self.n_blocks}")
         if not (self.init_alpha > 0 and math.isfinite(self.init_alpha)):
             raise MendError(f"init_alpha must be a positive number, got {self.init_alpha}")
+        if self.precondition is not None and not (
+            self.precondition > 0 and math.isfinite(self.precondition)
+        ):
+            raise MendError(f"precondition must be a positive number, got {self.precondition}")
         self.edit_modules = tuple(self.edit_modules)
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,7 +67,8 @@ class EditorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EditorConfig:
-        return _from_dict(cls, data)
+        # Checkpoints written before preconditioning existed are plain MEND.
+        return _from_dict(cls, {"precondition": None} | data)
 
 
 @dataclass

@@ -64,3 +64,36 @@ def capture(
             delta = torch.zeros_like(out)
         result[p.name] = (store[p.name][0].float(), delta.float())
     return result, loss.detach()
+
+
+@torch.no_grad()
+def key_moments(model, params: list[EditableParam], batches) -> dict[str, torch.Tensor]:
+    """Second moment E[x x^T] (in, in), float64, of every edited matrix's input.
+
+    Args:
+        batches: TokenBatches; every real (non-padding) token position is one sample.
+    """
+    sums = {p.name: torch.zeros(p.in_out[0], p.in_out[0], dtype=torch.float64) for p in params}
+    state = {"mask": None, "count": 0}
+
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0][state["mask"]].double().cpu()  # (tokens, in)
+            sums[name] += x.T @ x
+
+        return hook
+
+    handles = [p.module.register_forward_hook(make_hook(p.name)) for p in params]
+    try:
+        for batch in batches:
+            state["mask"] = batch.attention_mask.bool()
+            state["count"] += int(state["mask"].sum())
+            model.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    if not state["count"]:
+        raise ValueError("no tokens to estimate key moments from")
+    return {name: s / state["count"] for name, s in sums.items()}

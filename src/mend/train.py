@@ -30,7 +30,7 @@ from mend.config import TrainConfig
 from mend.edit import MendEditor, edit_loss
 from mend.editor.net import Editor
 from mend.errors import MendError
-from mend.grads import capture
+from mend.grads import capture, key_moments
 from mend.losses import kl_base_edited, masked_nll
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
@@ -114,6 +114,15 @@ def build_rows(
             rows.loc_group.append(i)
             rows.loc_own.append(j < len(own))
     return rows
+
+
+def key_pairs(data: list[EditRequest], n_records: int = 512) -> list[tuple[str, str | None]]:
+    """Texts whose edited-layer inputs estimate the key moments: the first records' rows."""
+    pairs = []
+    for r in data[:n_records]:
+        pairs += [(r.prompt, r.target)] + [(p, r.target) for p in r.rephrases]
+        pairs += [(probe.prompt, probe.answer) for probe in r.locality]
+    return pairs
 
 
 def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows):
@@ -286,6 +295,10 @@ def train(
         log_path.unlink(missing_ok=True)
     editor.to(next(model.parameters()).device).train()
     me = MendEditor(model, tokenizer, editor)
+    if not resume and cfg.editor.precondition is not None:
+        pairs = key_pairs(train_data)
+        batches = (me.batch(pairs[i : i + 64]) for i in range(0, len(pairs), 64))
+        editor.set_key_moments(key_moments(model, me.params, batches))
     start_block = UpperStack.first_edited_block(model, names)
     stack = None
     if not cfg.reference and start_block is not None:
