@@ -67,7 +67,7 @@ def _train_steps(args, mode: str, queue) -> None:
     similar = similar_index(data)
     rss_before = _rss_mb()
     times = []
-    for timed in (False, True) if cache else (True,):  # fast_warm: a first untimed epoch
+    for timed in (False, True) if cache is not None else (True,):  # fast_warm: untimed pass
         for step in range(args.steps + 1):
             rng = random.Random(step)
             reqs = rng.sample(data, args.batch)
