@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import fact_requests
 
@@ -115,8 +116,8 @@ def test_per_row_groups_equal_separate_single_edits(tokenizer):
     torch.testing.assert_close(side_by_side, torch.cat(singles), rtol=1e-4, atol=1e-5)
 
 
-def test_non_finite_edit_is_refused_and_leaves_weights_alone(tokenizer):
-    import pytest
+@pytest.mark.parametrize("broken", ["nan-net", "overflowing-alpha"])
+def test_non_finite_edit_is_refused_and_leaves_weights_alone(tokenizer, broken):
     from conftest import tiny_model
 
     from mend.errors import MendError
@@ -124,7 +125,13 @@ def test_non_finite_edit_is_refused_and_leaves_weights_alone(tokenizer):
     model = tiny_model("gpt2", len(tokenizer))
     me = _editor_for(model, tokenizer)
     with torch.no_grad():
-        next(iter(me.editor.nets.values())).blocks[0].up.weight.fill_(float("nan"))
+        if broken == "nan-net":
+            next(iter(me.editor.nets.values())).blocks[0].up.weight.fill_(float("nan"))
+        else:  # alpha itself is finite (1.6e38); alpha * u^T delta is not
+            me.editor.log_alpha.fill_(88.0)
+            assert torch.isfinite(me.editor.log_alpha.exp()).all()
+            factors = me.factors(me.batch([(fact_requests(1)[0].prompt, "x")]), joint=True)
+            assert not all(torch.isfinite(d).all() for d in me.weight_deltas(factors).values())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(MendError, match="not finite"):
         me.edit(fact_requests(1))

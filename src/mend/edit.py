@@ -141,9 +141,22 @@ class MendEditor:
             if p.name not in factors:
                 continue
             u, d = factors[p.name][0][group], factors[p.name][1][group]  # (T, in), (T, out)
-            dw = u.T @ d if p.transposed else d.T @ u  # Conv1D (in, out) / Linear (out, in)
-            deltas[p.name] = -self.editor.alpha(p.name) * dw
+            u = -self.editor.alpha(p.name) * u  # scale the small factor, not the matrix
+            deltas[p.name] = u.T @ d if p.transposed else d.T @ u  # Conv1D (in, out) / (out, in)
         return deltas
+
+    def _non_finite(self, factors: Factors) -> str | None:
+        """The first matrix whose Delta W could hold an inf or nan, judged on its factors.
+
+        |(alpha u^T d)_ij| <= alpha * T * max|u| * max|d|: when that bound is a finite fp32
+        number, so is every entry; a nan anywhere makes the bound nan.
+        """
+        limit = torch.finfo(torch.float32).max
+        for name, (u, d) in factors.items():
+            bound = self.editor.alpha(name) * u.shape[-2] * u.abs().amax() * d.abs().amax()
+            if not bool(bound <= limit):
+                return name
+        return None
 
     def edit(self, requests: list[EditRequest] | EditRequest) -> EditResult:
         """Apply one edit for all requests together (a batched edit), in place.
@@ -163,12 +176,12 @@ class MendEditor:
         try:
             with torch.no_grad():
                 factors = self.factors(batch, joint=True)
+                bad = self._non_finite(factors)
+                if bad is not None:
+                    raise MendError(f"the edit is not finite at {bad} (weights left unchanged)")
                 deltas = self.weight_deltas(factors)
         finally:
             self.editor.train(was_training)
-        bad = [n for n, d in deltas.items() if not torch.isfinite(d).all()]
-        if bad:
-            raise MendError(f"the edit is not finite at {bad[0]} (weights left unchanged)")
         result = EditResult(self.model, self.params, deltas, 0.0)
         result.seconds = time.perf_counter() - start
         return result

@@ -60,21 +60,22 @@ class EditResult:
         self.deltas = deltas
         self.seconds = seconds
         self._params = {p.name: p for p in params if p.name in deltas}
+        # The edited weight is a new tensor swapped in; the original tensor itself is kept, so
+        # reverting is a swap back (bit-exact, no copy) and editing costs one add.
         self._originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, delta in deltas.items():
                 w = self._params[name].weight
-                self._originals[name] = w.detach().clone()
-                w.add_(delta.to(w.dtype))
+                self._originals[name] = w.data
+                w.data = w.data + delta.to(w.dtype)
         self.reverted = False
 
     def revert(self) -> None:
         """Restore the weights exactly (bit for bit) as they were before the edit."""
         if self.reverted:
             return
-        with torch.no_grad():
-            for name, original in self._originals.items():
-                self._params[name].weight.copy_(original)
+        for name, original in self._originals.items():
+            self._params[name].weight.data = original
         self.reverted = True
 
     def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
