@@ -6,8 +6,8 @@ import torch
 from conftest import SUBJECTS, fact_requests, tiny_model
 
 from mend.baselines import FTEditor, GradEditor, NoEdit
-from mend.edit import edit_loss
 from mend.evaluate import evaluate
+from mend.losses import edit_loss
 from mend.models import find_editable
 from mend.models.forward import scored_logits
 

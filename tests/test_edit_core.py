@@ -7,9 +7,10 @@ import torch
 from conftest import fact_requests
 
 from mend.config import EditorConfig
-from mend.edit import MendEditor, edit_loss
+from mend.edit import MendEditor
 from mend.editor import Editor
 from mend.grads import capture, key_moments
+from mend.losses import edit_loss
 from mend.models import find_editable
 from mend.models.forward import scored_logits
 

@@ -20,7 +20,7 @@ from mend.data.collate import TokenBatch, context_length, make_batch
 from mend.editor.net import Editor
 from mend.errors import MendError
 from mend.grads import capture
-from mend.losses import row_nll
+from mend.losses import edit_loss
 from mend.models.params import find_editable
 from mend.result import EditResult
 from mend.types import EditRequest
@@ -28,15 +28,6 @@ from mend.types import EditRequest
 # {weight name: (u~ (G, T, in), delta~ (G, T, out))}: G edit groups of T token slots each;
 # unused slots are zero and contribute nothing.
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def edit_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """The loss whose gradient MEND transforms: each row's mean target NLL, summed over rows.
-
-    Summing (not averaging) over rows keeps each edit's gradient independent of how many
-    edits share the batch.
-    """
-    return row_nll(logits, batch.labels[batch.pos_mask], batch.pos_row, len(batch)).sum()
 
 
 class MendEditor:

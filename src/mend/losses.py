@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mend.data.collate import IGNORE
+from mend.data.collate import IGNORE, TokenBatch
 
 
 def row_mean(values: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, n_rows: int):
@@ -41,3 +41,12 @@ def kl_base_edited(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> to
     base_logp = F.log_softmax(base_logits, dim=-1)
     edited_logp = F.log_softmax(edited_logits, dim=-1)
     return (base_logp.exp() * (base_logp - edited_logp)).sum(-1).mean()
+
+
+def edit_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """The loss whose gradient MEND transforms: each row's mean target NLL, summed over rows.
+
+    Summing (not averaging) over rows keeps each edit's gradient independent of how many
+    edits share the batch.
+    """
+    return row_nll(logits, batch.labels[batch.pos_mask], batch.pos_row, len(batch)).sum()

@@ -27,11 +27,11 @@ from mend.checkpoint import (
     save_train_state,
 )
 from mend.config import TrainConfig
-from mend.edit import MendEditor, edit_loss
+from mend.edit import MendEditor
 from mend.editor.net import Editor
 from mend.errors import MendError
 from mend.grads import capture, key_moments
-from mend.losses import kl_base_edited, masked_nll
+from mend.losses import edit_loss, kl_base_edited, masked_nll
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable

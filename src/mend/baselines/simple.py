@@ -8,7 +8,7 @@ import torch
 
 from mend.data.collate import context_length, make_batch
 from mend.grads import capture
-from mend.losses import row_nll
+from mend.losses import edit_loss
 from mend.models.params import find_editable
 from mend.result import EditResult
 from mend.types import EditRequest
@@ -43,11 +43,7 @@ class GradEditor:
         batch = make_batch(self.tokenizer, [(r.prompt, r.target) for r in requests],
                            max_len=self.max_len).to(self.params[0].weight.device)  # fmt: skip
 
-        def loss_fn(logits):
-            rows = batch.pos_row
-            return row_nll(logits, batch.labels[batch.pos_mask], rows, len(batch)).sum()
-
-        captured, _ = capture(self.model, self.params, batch, loss_fn)
+        captured, _ = capture(self.model, self.params, batch, lambda lg: edit_loss(lg, batch))
         deltas = {}
         with torch.no_grad():
             for p in self.params:
