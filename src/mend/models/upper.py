@@ -117,7 +117,7 @@ class UpperStack:
         missing = [r for r, row in enumerate(rows) if row is None]
         self.cache.hits += len(keys) - len(missing)
         self.cache.misses += len(missing)
-        if missing:
+        if missing or not self._format_known:  # (a shared cache can be new to this stack)
             everything = len(missing) == len(keys) or not self._format_known
             sub = batch if everything else batch.select(missing)
             fresh, final = self._run(sub)
