@@ -133,7 +133,7 @@ class MendEditor:
                 continue
             u, d = factors[p.name][0][group], factors[p.name][1][group]  # (T, in), (T, out)
             u = -self.editor.alpha(p.name) * u  # scale the small factor, not the matrix
-            deltas[p.name] = u.T @ d if p.transposed else d.T @ u  # Conv1D (in, out) / (out, in)
+            deltas[p.name] = p.outer_sum(u, d)
         return deltas
 
     def _non_finite(self, factors: Factors) -> str | None:

@@ -49,6 +49,5 @@ class GradEditor:
             for p in self.params:
                 u, d = captured[p.name]
                 u, d = u.reshape(-1, u.shape[-1]), d.reshape(-1, d.shape[-1])
-                grad = u.T @ d if p.transposed else d.T @ u
-                deltas[p.name] = -self.lr * grad
+                deltas[p.name] = -self.lr * p.outer_sum(u, d)
         return EditResult(self.model, self.params, deltas, time.perf_counter() - start)

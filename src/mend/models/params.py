@@ -36,6 +36,10 @@ class EditableParam:
         rows, cols = self.weight.shape
         return (rows, cols) if self.transposed else (cols, rows)
 
+    def outer_sum(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """sum_t delta_t u_t^T in this weight's storage layout: u (T, in), delta (T, out)."""
+        return u.T @ delta if self.transposed else delta.T @ u
+
 
 def _n_blocks(model, path: str) -> int:
     try:
