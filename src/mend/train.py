@@ -142,10 +142,11 @@ def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows):
 def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], rows: StepRows):
     """Same results as `_forward_reference`, running the lower blocks once, without gradients.
 
-    The edit, paraphrase and locality rows are three tightly padded batches. A no-grad pass
-    of each caches the input of the first edited block (and gives the base logits of the
-    locality rows); the edit's gradient and the edited logits then rerun only the upper
-    blocks. With the stack's RowCache, rows seen before skip the lower blocks altogether.
+    A no-grad pass of the edit rows, and one of the paraphrase and locality rows together,
+    caches the input of the first edited block (and gives the base logits of the locality
+    rows); the edit's gradient and the edited logits then rerun only the upper blocks. With
+    the stack's RowCache, rows seen before skip the lower blocks altogether. The vocabulary
+    projection, a large share of a small model's step, runs once per pass over all rows.
     """
     edit_b = me.batch([(r.prompt, r.target) for r in reqs])
     edit_p = stack.prepare(edit_b, base_logits=False)
@@ -157,21 +158,12 @@ def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], ro
         run=lambda: stack.logits(edit_p),
     )
     factors = me.factors(edit_b, joint=False, captured=captured)
-    outs, base = [], None
-    gen, loc = (rows.gen, rows.gen_group, False), (rows.loc, rows.loc_group, True)
-    for pairs, groups, is_loc in (gen, loc):
-        if not pairs:
-            continue
-        b = me.batch(pairs, groups)
-        prepared = stack.prepare(b, base_logits=is_loc)
-        with me.applied(factors, b.group):
-            outs.append((stack.logits(prepared), b.pos_row, b.labels[b.pos_mask]))
-        base = prepared.base_logits  # the locality batch comes last
-    n_gen = len(rows.gen)
-    logits = torch.cat([o[0] for o in outs])
-    rows_of = torch.cat([outs[0][1]] + ([outs[1][1] + n_gen] if len(outs) > 1 else []))
-    labels = torch.cat([o[2] for o in outs])
-    return logits, (base if rows.loc else None), rows_of, labels
+    both = me.batch(rows.gen + rows.loc, rows.gen_group + rows.loc_group)
+    is_loc = torch.arange(len(rows.gen) + len(rows.loc)) >= len(rows.gen)
+    prepared = stack.prepare(both, base_logits=is_loc if rows.loc else False)
+    with me.applied(factors, both.group):
+        edited = stack.logits(prepared)
+    return edited, prepared.base_logits, both.pos_row, both.labels[both.pos_mask]
 
 
 def edit_step(

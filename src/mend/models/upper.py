@@ -100,16 +100,21 @@ class UpperStack:
         return min(indices)
 
     @torch.no_grad()
-    def prepare(self, batch, base_logits: bool = True) -> Prepared:
+    def prepare(self, batch, base_logits: bool | torch.Tensor = True) -> Prepared:
         """No-grad forward of batch, keeping what `logits` needs.
 
         Args:
-            base_logits: also compute the unedited logits at the scored positions.
+            base_logits: also compute the unedited logits at the scored positions; a bool
+                tensor over the batch's rows computes them for the rows it marks only.
         """
+        if isinstance(base_logits, torch.Tensor):
+            base_logits = batch.pos_mask & base_logits.to(batch.pos_mask.device)[:, None]
+        elif base_logits:
+            base_logits = batch.pos_mask
         if self.cache is None or not self.lower:
             prepared, final = self._run(batch)
-            if base_logits:
-                prepared.base_logits = self._head(final, batch.pos_mask)
+            if base_logits is not False:
+                prepared.base_logits = self._head(final, base_logits)
             return prepared
         lengths = batch.attention_mask.sum(1).tolist()
         keys = [tuple(batch.input_ids[r, :n].tolist()) for r, n in enumerate(lengths)]
@@ -125,13 +130,13 @@ class UpperStack:
                 rows[r] = (fresh.hidden[i, : lengths[r]], final[i, : lengths[r]])
                 self.cache.put(keys[r], *rows[r])
             if everything:
-                if base_logits:
-                    fresh.base_logits = self._head(final, batch.pos_mask)
+                if base_logits is not False:
+                    fresh.base_logits = self._head(final, base_logits)
                 return fresh
         first, final = (self._pad([row[i] for row in rows], lengths) for i in (0, 1))
         prepared, _ = self._run(batch, first)
-        if base_logits:
-            prepared.base_logits = self._head(final, batch.pos_mask)
+        if base_logits is not False:
+            prepared.base_logits = self._head(final, base_logits)
         return prepared
 
     @staticmethod
@@ -141,8 +146,8 @@ class UpperStack:
             out[r, : lengths[r]] = h
         return out
 
-    def _head(self, final: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(final[pos_mask]).float()
+    def _head(self, final: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.head(final[positions]).float()
 
     def _run(self, batch, first: torch.Tensor | None = None):
         """The model's forward, recording each upper block's call.
