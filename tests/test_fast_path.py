@@ -30,6 +30,29 @@ def test_upper_stack_reproduces_the_full_forward(family_model, tokenizer):
     torch.testing.assert_close(full, scored_logits(family_model, batch), rtol=0, atol=0)
 
 
+def test_bf16_lower_blocks_stay_close_and_an_empty_edit_changes_nothing(family_model, tokenizer):
+    from mend.data.collate import make_batch
+
+    names = [p.name for p in find_editable(family_model)]
+    start = UpperStack.first_edited_block(family_model, names)
+    exact = UpperStack(family_model, start)
+    fast = UpperStack(family_model, start, RowCache(1 << 30), lower_dtype=torch.bfloat16)
+    batch = make_batch(tokenizer, [(r.prompt, r.target) for r in fact_requests(4)])
+    want, got = exact.prepare(batch), fast.prepare(batch)
+    assert got.hidden.dtype == want.hidden.dtype == torch.float32
+    # bf16 products below the edited blocks: the logits move, but by little (relative to
+    # their spread: tiny random models have near-uniform logits).
+    err = (got.base_logits - want.base_logits).abs().max() / want.base_logits.std()
+    assert 0 < err < 0.05, err
+    # Base and rerun logits come from the same cached input, so they agree exactly as before.
+    torch.testing.assert_close(fast.logits(got), got.base_logits, rtol=1e-5, atol=1e-5)
+    again = fast.prepare(batch)  # from the cache
+    torch.testing.assert_close(again.base_logits, got.base_logits, rtol=0, atol=0)
+    # The autocast wrappers were removed: the model runs in fp32 again.
+    assert all("forward" not in b.__dict__ for b in fast.lower + fast.blocks)
+    torch.testing.assert_close(scored_logits(family_model, batch), want.base_logits)
+
+
 def test_row_cache_skips_the_lower_blocks_and_changes_nothing(family_model, tokenizer):
     from mend.data.collate import make_batch
 

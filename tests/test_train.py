@@ -75,7 +75,7 @@ def test_training_beats_the_untrained_editor_on_held_out_edits(tmp_path, tokeniz
 def test_best_checkpoint_and_early_stopping(tmp_path, tokenizer):
     data, val = fact_requests(40, seed=1), fact_requests(8, seed=2)
     # A huge learning rate makes validation loss worse after the first check.
-    cfg = _cfg(max_steps=40, val_every=2, patience=2, lr=1.0, alpha_lr=1.0)
+    cfg = _cfg(max_steps=40, val_every=2, patience=2, lr=1.0, alpha_lr=1.0, select="loss")
     summary = train(
         tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path, progress=False
     )
@@ -87,6 +87,23 @@ def test_best_checkpoint_and_early_stopping(tmp_path, tokenizer):
     saved = json.loads((tmp_path / "editor_config.json").read_text())
     assert saved["best_step"] == best_step
     assert best_step < summary["steps"]  # the best is not simply the last
+
+
+def test_best_checkpoint_by_accuracy(tmp_path, tokenizer):
+    data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
+    cfg = _cfg(max_steps=30, val_every=3, patience=100, lr=3e-3, select="accuracy")
+    summary = train(
+        tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path, progress=False
+    )
+    log = [json.loads(x) for x in (tmp_path / LOG_FILE).read_text().splitlines()]
+    vals = [(x["step"], x["val"]) for x in log if "val" in x]
+    mean_acc = [(v["rewrite_acc"] + v["rephrase_acc"] + v["locality_acc"]) / 3 for _, v in vals]
+    # The first validation reaching the highest mean accuracy (or, among equals, the lowest loss).
+    best = max(range(len(vals)), key=lambda i: (mean_acc[i], -vals[i][1]["loss"], -i))
+    saved = json.loads((tmp_path / "editor_config.json").read_text())
+    assert saved["best_step"] == vals[best][0]
+    assert summary["best_val"] == vals[best][1]
+    assert len(set(mean_acc)) > 1  # the choice was not trivial
 
 
 def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):

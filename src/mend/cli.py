@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=4, help="edits per step")
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--val-every", type=int, default=100)
-    t.add_argument("--val-edits", type=int, default=64)
+    t.add_argument("--val-edits", type=int, default=256)
     t.add_argument("--c-loc", type=float, default=1.0)
     t.add_argument("--c-edit", type=float, default=0.1)
     t.add_argument("--loc-per-edit", type=int, default=4, help="extra locality inputs per edit")
@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--row-cache-mb", type=int, default=4096,
         help="memory for reusing lower-block activations of rows seen before (0: off)",
+    )  # fmt: skip
+    t.add_argument(
+        "--lower-precision", choices=("fp32", "bf16"), default="fp32",
+        help="precision of the no-grad pass below the edited blocks (bf16: faster first epoch)",
+    )  # fmt: skip
+    t.add_argument(
+        "--select", choices=("accuracy", "loss"), default="accuracy",
+        help="keep the checkpoint with the best mean validation accuracy, or the lowest loss",
     )  # fmt: skip
 
     e = sub.add_parser("eval", help="evaluate an editor (or a baseline) on a data set")
@@ -118,7 +126,8 @@ def cmd_train(args) -> int:
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
         val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, seed=args.seed,
         loc_per_edit=args.loc_per_edit, cosine=args.cosine, reference=args.reference,
-        row_cache_mb=args.row_cache_mb,
+        row_cache_mb=args.row_cache_mb, select=args.select,
+        lower_precision=args.lower_precision,
     )  # fmt: skip
     if args.limit is not None and args.limit < 2:
         raise MendError("--limit must be >= 2")

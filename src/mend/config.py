@@ -88,12 +88,14 @@ class TrainConfig:
     max_steps: int = 2000
     minutes: float | None = None
     val_every: int = 100
-    val_edits: int = 64
+    val_edits: int = 256
     patience: int = 8  # validations without improvement before early stopping
+    select: str = "accuracy"  # best checkpoint by "accuracy" (mean of the three) or by "loss"
     warmup_steps: int = 50
     cosine: bool = False  # cosine-decay the learning rates to 10% at max_steps
     reference: bool = False  # run full forward passes instead of caching the lower blocks
     row_cache_mb: int = 4096  # memory for reusing the lower blocks' output per row (0: off)
+    lower_precision: str = "fp32"  # "bf16": the fast path's lower blocks in bf16 (autocast)
     seed: int = 0
 
     def __post_init__(self):
@@ -105,6 +107,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "val_every", "val_edits"):
             if getattr(self, name) < 1:
                 raise MendError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.select not in ("accuracy", "loss"):
+            raise MendError(f"select must be 'accuracy' or 'loss', got {self.select!r}")
+        if self.lower_precision not in ("fp32", "bf16"):
+            raise MendError(f"lower_precision must be fp32 or bf16, got {self.lower_precision!r}")
         if self.row_cache_mb < 0:
             raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
         if self.c_edit < 0 or self.c_loc < 0:

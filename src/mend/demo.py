@@ -39,7 +39,9 @@ def run_demo(model, tokenizer, out: Path, minutes: float, eval_limit: int) -> di
                       val_edits=len(val), patience=1000)  # fmt: skip
     print(f"training an editor for {minutes:g} minutes on {len(train_data)} CounterFact edits")
     summary = train(model, tokenizer, train_data, val, cfg, out)
-    print(f"trained {summary['steps']} steps; best validation loss {summary['best_val_loss']:.4f}")
+    best = summary["best_val"]
+    print(f"trained {summary['steps']} steps; best validation: rewrite {best['rewrite_acc']:.2f}, "
+          f"rephrase {best['rephrase_acc']:.2f}, locality {best['locality_acc']:.2f}")  # fmt: skip
 
     editor = MendEditor(model, tokenizer, load_editor(out, model))
     print(f"\nediting {SHOWCASE} held-out facts, one at a time:")

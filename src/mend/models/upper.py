@@ -68,6 +68,16 @@ def _pass_through(n_outputs: int | None):
     return forward
 
 
+def _autocast(forward, device_type: str, dtype: torch.dtype):
+    """A block's forward with its matrix products in `dtype` (autocast)."""
+
+    def run(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    return run
+
+
 class UpperStack:
     """Cache below block `start`, rerun from there.
 
@@ -75,10 +85,21 @@ class UpperStack:
         model: a causal LM of a family in the architecture table.
         start: index of the first block to rerun.
         cache: a RowCache to reuse the lower blocks' output across calls (None: no reuse).
+        lower_dtype: run the lower blocks' matrix products in this dtype (e.g. bfloat16,
+            about twice as fast on CPUs with bf16 units). The upper blocks and everything
+            computed from the cached hidden state stay in the model's dtype, so base and
+            edited logits share the same input and an empty edit still changes nothing.
     """
 
-    def __init__(self, model, start: int, cache: RowCache | None = None):
+    def __init__(
+        self,
+        model,
+        start: int,
+        cache: RowCache | None = None,
+        lower_dtype: torch.dtype | None = None,
+    ):
         arch = arch_for(model)
+        self.lower_dtype = lower_dtype
         self.model = model
         all_blocks = list(model.get_submodule(arch.blocks))
         self.lower, self.blocks = all_blocks[:start], all_blocks[start:]
@@ -100,21 +121,16 @@ class UpperStack:
         return min(indices)
 
     @torch.no_grad()
-    def prepare(self, batch, base_logits: bool | torch.Tensor = True) -> Prepared:
+    def prepare(self, batch, base_logits: bool = True) -> Prepared:
         """No-grad forward of batch, keeping what `logits` needs.
 
         Args:
-            base_logits: also compute the unedited logits at the scored positions; a bool
-                tensor over the batch's rows computes them for the rows it marks only.
+            base_logits: also compute the unedited logits at the scored positions.
         """
-        if isinstance(base_logits, torch.Tensor):
-            base_logits = batch.pos_mask & base_logits.to(batch.pos_mask.device)[:, None]
-        elif base_logits:
-            base_logits = batch.pos_mask
         if self.cache is None or not self.lower:
             prepared, final = self._run(batch)
-            if base_logits is not False:
-                prepared.base_logits = self._head(final, base_logits)
+            if base_logits:
+                prepared.base_logits = self._head(final, batch.pos_mask)
             return prepared
         lengths = batch.attention_mask.sum(1).tolist()
         keys = [tuple(batch.input_ids[r, :n].tolist()) for r, n in enumerate(lengths)]
@@ -130,13 +146,13 @@ class UpperStack:
                 rows[r] = (fresh.hidden[i, : lengths[r]], final[i, : lengths[r]])
                 self.cache.put(keys[r], *rows[r])
             if everything:
-                if base_logits is not False:
-                    fresh.base_logits = self._head(final, base_logits)
+                if base_logits:
+                    fresh.base_logits = self._head(final, batch.pos_mask)
                 return fresh
         first, final = (self._pad([row[i] for row in rows], lengths) for i in (0, 1))
         prepared, _ = self._run(batch, first)
-        if base_logits is not False:
-            prepared.base_logits = self._head(final, base_logits)
+        if base_logits:
+            prepared.base_logits = self._head(final, batch.pos_mask)
         return prepared
 
     @staticmethod
@@ -146,8 +162,8 @@ class UpperStack:
             out[r, : lengths[r]] = h
         return out
 
-    def _head(self, final: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.head(final[positions]).float()
+    def _head(self, final: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
+        return self.project(final[pos_mask])
 
     def _run(self, batch, first: torch.Tensor | None = None):
         """The model's forward, recording each upper block's call.
@@ -169,18 +185,24 @@ class UpperStack:
         handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in self.blocks]
         if first is None:
             handles.append(self.blocks[0].register_forward_hook(shape))
-        skipped = self.lower + self.blocks if first is not None else []
-        saved = [b.__dict__.get("forward") for b in skipped]
+        if first is not None:
+            swapped = {b: _pass_through(self._n_outputs) for b in self.lower + self.blocks}
+        elif self.lower_dtype is not None:
+            device = batch.input_ids.device.type
+            swapped = {b: _autocast(b.forward, device, self.lower_dtype) for b in self.lower}
+        else:
+            swapped = {}
+        saved = {b: b.__dict__.get("forward") for b in swapped}
         try:
-            for b in skipped:
-                b.forward = _pass_through(self._n_outputs)
+            for b, forward in swapped.items():
+                b.forward = forward
             out = self.model.base_model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             )
         finally:
             for h in handles:
                 h.remove()
-            for b, f in zip(skipped, saved, strict=True):
+            for b, f in saved.items():
                 if f is None:
                     del b.forward
                 else:
@@ -192,6 +214,18 @@ class UpperStack:
 
     def logits(self, prepared: Prepared) -> torch.Tensor:
         """Scored logits (P, V) of a prepared batch, running only the upper blocks."""
+        return self.project(self.scored_hidden(prepared))
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The vocabulary projection of final normed hidden states, as fp32 logits.
+
+        For a small model it is a large share of a step, and it costs about the same for 4
+        positions as for 40 (it reads the whole matrix): callers batch positions into one call.
+        """
+        return self.head(hidden).float()
+
+    def scored_hidden(self, prepared: Prepared) -> torch.Tensor:
+        """Final normed hidden states (P, d) at the scored positions, running the upper blocks."""
         h = prepared.hidden
         for block, (args, kwargs) in zip(self.blocks, prepared.calls, strict=True):
             if args:
@@ -199,5 +233,4 @@ class UpperStack:
             else:
                 out = block(**(kwargs | {"hidden_states": h}))
             h = out[0] if isinstance(out, tuple) else out
-        h = self.norm(h)
-        return self.head(h[prepared.pos_mask]).float()
+        return self.norm(h)[prepared.pos_mask]
