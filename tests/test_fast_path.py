@@ -129,3 +129,16 @@ def test_fast_and_reference_steps_give_the_same_losses_and_editor_gradients(
         # Tolerance: same math, different padding widths and summation order (fp32).
         torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
     assert max(g.abs().max() for g in ref_grads.values()) > 1e-4
+
+
+def test_lower_precision_setting():
+    import pytest
+
+    from mend.errors import MendError
+    from mend.models.upper import bf16_is_fast
+
+    with pytest.raises(MendError, match="lower_precision"):
+        TrainConfig(lower_precision="fp16")
+    assert TrainConfig(lower_precision="auto").lower_precision == "auto"
+    assert bf16_is_fast(torch.device("meta")) is False
+    assert isinstance(bf16_is_fast(torch.device("cpu")), bool)

@@ -58,8 +58,14 @@ def _parser() -> argparse.ArgumentParser:
         help="memory for reusing lower-block activations of rows seen before (0: off)",
     )  # fmt: skip
     t.add_argument(
-        "--lower-precision", choices=("fp32", "bf16"), default="fp32",
-        help="precision of the no-grad pass below the edited blocks (bf16: faster first epoch)",
+        "--key-text", default="wikitext-valid",
+        help="general text (data set name or path) that joins the training texts in estimating "
+        "the preconditioner's key statistics ('' for the training texts only)",
+    )  # fmt: skip
+    t.add_argument(
+        "--lower-precision", choices=("fp32", "bf16", "auto"), default="fp32",
+        help="precision of the no-grad pass below the edited blocks (bf16: faster first "
+        "epoch; auto: bf16 where the hardware has bf16 units)",
     )  # fmt: skip
     t.add_argument(
         "--select", choices=("accuracy", "loss"), default="accuracy",
@@ -127,7 +133,7 @@ def cmd_train(args) -> int:
         val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, seed=args.seed,
         loc_per_edit=args.loc_per_edit, cosine=args.cosine, reference=args.reference,
         row_cache_mb=args.row_cache_mb, select=args.select,
-        lower_precision=args.lower_precision,
+        lower_precision=args.lower_precision, key_text=args.key_text or None,
     )  # fmt: skip
     if args.limit is not None and args.limit < 2:
         raise MendError("--limit must be >= 2")

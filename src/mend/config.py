@@ -95,7 +95,12 @@ class TrainConfig:
     cosine: bool = False  # cosine-decay the learning rates to 10% at max_steps
     reference: bool = False  # run full forward passes instead of caching the lower blocks
     row_cache_mb: int = 4096  # memory for reusing the lower blocks' output per row (0: off)
-    lower_precision: str = "fp32"  # "bf16": the fast path's lower blocks in bf16 (autocast)
+    # "bf16": the fast path's no-grad pass below the edited blocks in bf16 (autocast);
+    # "auto": bf16 where the hardware has fast bf16 products (see models/upper.bf16_is_fast)
+    lower_precision: str = "fp32"
+    # general text (a data set name or a path) whose windows join the training texts in
+    # estimating the key preconditioner's C; None: the training texts only
+    key_text: str | None = "wikitext-valid"
     seed: int = 0
 
     def __post_init__(self):
@@ -109,8 +114,10 @@ class TrainConfig:
                 raise MendError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.select not in ("accuracy", "loss"):
             raise MendError(f"select must be 'accuracy' or 'loss', got {self.select!r}")
-        if self.lower_precision not in ("fp32", "bf16"):
-            raise MendError(f"lower_precision must be fp32 or bf16, got {self.lower_precision!r}")
+        if self.lower_precision not in ("fp32", "bf16", "auto"):
+            raise MendError(
+                f"lower_precision must be fp32, bf16 or auto, got {self.lower_precision!r}"
+            )
         if self.row_cache_mb < 0:
             raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
         if self.c_edit < 0 or self.c_loc < 0:

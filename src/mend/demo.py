@@ -36,7 +36,7 @@ def run_demo(model, tokenizer, out: Path, minutes: float, eval_limit: int) -> di
     """Train for `minutes`, evaluate on `eval_limit` held-out CounterFact edits, show a few."""
     train_data, val, test = _demo_data(tokenizer, context_length(model), eval_limit)
     cfg = TrainConfig(editor=EditorConfig(), minutes=minutes, max_steps=100_000, val_every=100,
-                      val_edits=len(val), patience=1000)  # fmt: skip
+                      val_edits=len(val), patience=1000, lower_precision="auto")  # fmt: skip
     print(f"training an editor for {minutes:g} minutes on {len(train_data)} CounterFact edits")
     summary = train(model, tokenizer, train_data, val, cfg, out)
     best = summary["best_val"]

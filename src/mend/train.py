@@ -27,6 +27,9 @@ from mend.checkpoint import (
     save_train_state,
 )
 from mend.config import TrainConfig
+from mend.data.collate import IGNORE, TokenBatch
+from mend.data.sources import resolve_data
+from mend.data.text import read_text
 from mend.edit import MendEditor
 from mend.editor.net import Editor
 from mend.errors import MendError
@@ -35,7 +38,7 @@ from mend.losses import edit_loss, kl_base_edited, masked_nll
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable
-from mend.models.upper import RowCache, UpperStack
+from mend.models.upper import RowCache, UpperStack, bf16_is_fast
 from mend.types import EditRequest, Probe
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,43 @@ def key_pairs(data: list[EditRequest], n_records: int = 512) -> list[tuple[str, 
         pairs += [(r.prompt, r.target)] + [(p, r.target) for p in r.rephrases]
         pairs += [(probe.prompt, probe.answer) for probe in r.locality]
     return pairs
+
+
+def text_windows(me: MendEditor, text: str, n_tokens: int, window: int = 128) -> list[TokenBatch]:
+    """About n_tokens of `text` as full windows of `window` tokens, 16 windows per batch."""
+    window = min(window, me.max_len)
+    n = max(1, -(-n_tokens // window))
+    ids = me.tokenizer(text[: n * window * 8])["input_ids"][: n * window]
+    x = torch.tensor(ids[: len(ids) // window * window], dtype=torch.long).view(-1, window)
+    return [
+        TokenBatch(
+            rows, torch.ones_like(rows), torch.zeros_like(rows, dtype=torch.bool),
+            torch.full_like(rows, IGNORE), torch.arange(len(rows)),
+        ).to(me.device)
+        for rows in x.split(16)
+    ]  # fmt: skip
+
+
+def key_batches(me: MendEditor, data: list[EditRequest], cfg: TrainConfig) -> list[TokenBatch]:
+    """The inputs whose edited-layer keys estimate C for the preconditioner.
+
+    The training texts are the inputs an edit must leave alone most nearly (other subjects
+    of the same relation). `cfg.key_text` adds as many tokens of general text in 128-token
+    windows: keys from short prompts alone leave directions that long running text uses
+    unmeasured, and P = (C/m + lambda I)^-1 then amplifies exactly those, which raised
+    WikiText perplexity after a single edit from 16.2 to about 27 (median of 8 edits).
+    """
+    pairs = key_pairs(data)
+    batches = [me.batch(pairs[i : i + 64]) for i in range(0, len(pairs), 64)]
+    if cfg.key_text:
+        try:
+            text = read_text(resolve_data(cfg.key_text))
+        except MendError as e:
+            log.warning("%s; estimating key statistics from the training texts only", e)
+        else:
+            n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+            batches += text_windows(me, text, n_tokens)
+    return batches
 
 
 def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows):
@@ -309,14 +349,16 @@ def train(
     editor.to(next(model.parameters()).device).train()
     me = MendEditor(model, tokenizer, editor)
     if not resume and cfg.editor.precondition is not None:
-        pairs = key_pairs(train_data)
-        batches = (me.batch(pairs[i : i + 64]) for i in range(0, len(pairs), 64))
-        editor.set_key_moments(key_moments(model, me.params, batches))
+        editor.set_key_moments(key_moments(model, me.params, key_batches(me, train_data, cfg)))
     start_block = UpperStack.first_edited_block(model, names)
     stack = None
     if not cfg.reference and start_block is not None:
         cache = RowCache(cfg.row_cache_mb << 20) if cfg.row_cache_mb else None
-        lower = torch.bfloat16 if cfg.lower_precision == "bf16" else None
+        device = next(model.parameters()).device
+        bf16 = cfg.lower_precision == "bf16" or (
+            cfg.lower_precision == "auto" and bf16_is_fast(device)
+        )
+        lower = torch.bfloat16 if bf16 else None
         stack = UpperStack(model, start_block, cache, lower_dtype=lower)
     nets = [p for n, p in editor.named_parameters() if n != "log_alpha"]
     opt = torch.optim.Adam(

@@ -68,6 +68,19 @@ def _pass_through(n_outputs: int | None):
     return forward
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matrix products beat fp32 here: a bf16-capable GPU, or a CPU with bf16
+    units (oneDNN's check, e.g. avx512_bf16 or AMX); elsewhere bf16 is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def _autocast(forward, device_type: str, dtype: torch.dtype):
     """A block's forward with its matrix products in `dtype` (autocast)."""
 
