@@ -136,3 +136,30 @@ def test_config_rejects_bad_values(bad):
 
     with pytest.raises(MendError):
         _cfg(**bad)
+
+
+def test_key_statistics_mix_training_texts_and_general_text(tmp_path, tokenizer, caplog):
+    from mend.train import key_batches, key_pairs
+
+    model = tiny_model("llama", len(tokenizer))
+    data = fact_requests(20, seed=1)
+    editor = Editor({p.name: p.in_out for p in find_editable(model)}, EditorConfig(rank=8))
+    me = MendEditor(model, tokenizer, editor)
+    text = tmp_path / "general.txt"
+    text.write_text("The river flows north through the old town and into the sea. " * 400)
+
+    def tokens(batches):
+        return sum(int(b.attention_mask.sum()) for b in batches)
+
+    only = key_batches(me, data, _cfg(key_text=None))
+    assert tokens(only) == sum(len(tokenizer(p + " " + t)["input_ids"]) for p, t in key_pairs(data))
+    mixed = key_batches(me, data, _cfg(key_text=str(text)))
+    windows = mixed[len(only) :]
+    width = min(128, me.max_len)  # 128-token windows, or the tiny model's whole context
+    assert windows and all(b.input_ids.shape[1] == width for b in windows)
+    # About as many general-text tokens as training-text tokens (whole windows).
+    assert tokens(only) <= tokens(windows) < tokens(only) + width
+    # General text that cannot be read: a warning, and the training texts alone.
+    missing = key_batches(me, data, _cfg(key_text=str(tmp_path / "absent.txt")))
+    assert tokens(missing) == tokens(only)
+    assert "training texts only" in caplog.text
