@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mend.data.collate import context_length, make_batch
+from mend.data.text import token_windows
 from mend.metrics import all_correct, argmax_unchanged, mean_logprob
 from mend.models.forward import scored_logits
 from mend.result import EditResult
@@ -150,13 +151,11 @@ def evaluate(
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, n_windows: int = 8, window: int = 512) -> float:
     """Perplexity on the first n_windows non-overlapping windows of `window` tokens of text."""
-    ids = tokenizer(text[: n_windows * window * 8])["input_ids"]
-    window = min(window, context_length(model))
-    n = min(n_windows, len(ids) // window)
+    x = token_windows(tokenizer, text, n_windows, min(window, context_length(model)))
+    n = len(x)
     if n == 0:
         raise ValueError("text shorter than one window")
-    device = next(model.parameters()).device
-    x = torch.tensor(ids[: n * window], device=device).view(n, window)
+    x = x.to(next(model.parameters()).device)
     nll = 0.0
     for row in x:
         out = model(input_ids=row[None], use_cache=False)

@@ -29,7 +29,7 @@ from mend.checkpoint import (
 from mend.config import TrainConfig
 from mend.data.collate import IGNORE, TokenBatch
 from mend.data.sources import resolve_data
-from mend.data.text import read_text
+from mend.data.text import read_text, token_windows
 from mend.edit import MendEditor
 from mend.editor.net import Editor
 from mend.errors import MendError
@@ -131,9 +131,7 @@ def key_pairs(data: list[EditRequest], n_records: int = 512) -> list[tuple[str, 
 def text_windows(me: MendEditor, text: str, n_tokens: int, window: int = 128) -> list[TokenBatch]:
     """About n_tokens of `text` as full windows of `window` tokens, 16 windows per batch."""
     window = min(window, me.max_len)
-    n = max(1, -(-n_tokens // window))
-    ids = me.tokenizer(text[: n * window * 8])["input_ids"][: n * window]
-    x = torch.tensor(ids[: len(ids) // window * window], dtype=torch.long).view(-1, window)
+    x = token_windows(me.tokenizer, text, max(1, -(-n_tokens // window)), window)
     return [
         TokenBatch(
             rows, torch.ones_like(rows), torch.zeros_like(rows, dtype=torch.bool),
@@ -354,9 +352,8 @@ def train(
     stack = None
     if not cfg.reference and start_block is not None:
         cache = RowCache(cfg.row_cache_mb << 20) if cfg.row_cache_mb else None
-        device = next(model.parameters()).device
         bf16 = cfg.lower_precision == "bf16" or (
-            cfg.lower_precision == "auto" and bf16_is_fast(device)
+            cfg.lower_precision == "auto" and bf16_is_fast(me.device)
         )
         lower = torch.bfloat16 if bf16 else None
         stack = UpperStack(model, start_block, cache, lower_dtype=lower)

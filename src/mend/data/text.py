@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from mend.errors import MendError
 
 _UNESCAPE = [(" @-@ ", "-"), (" @.@ ", "."), (" @,@ ", ","), (" , ", ", "), (" 's", "'s"),
@@ -38,3 +40,10 @@ def wikitext_prompts(path: str | Path, n: int, words: int = 12) -> list[str]:
     if not out:
         raise MendError(f"{path}: no usable sentences")
     return out
+
+
+def token_windows(tokenizer, text: str, n_windows: int, window: int) -> torch.Tensor:
+    """The first (up to) n_windows non-overlapping windows of `window` tokens of text: (n, window)."""
+    ids = tokenizer(text[: n_windows * window * 8])["input_ids"]  # ~8 characters per token, ample
+    n = min(n_windows, len(ids) // window)
+    return torch.tensor(ids[: n * window], dtype=torch.long).view(n, window)
