@@ -181,10 +181,10 @@ def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], ro
     """Same results as `_forward_reference`, running the lower blocks once, without gradients.
 
     The edit, paraphrase and locality rows are three tightly padded batches. A no-grad pass
-    of each caches the input of the first edited block (and gives the base logits of the
-    locality rows); the edit's gradient and the edited logits then rerun only the upper
-    blocks. With the stack's RowCache, rows seen before skip the lower blocks altogether.
-    The paraphrase and locality rows share one vocabulary projection.
+    of each caches the input of the first edited block and the unedited final states; the
+    edit's gradient and the edited states then rerun only the upper blocks. With the stack's
+    RowCache, rows seen before skip the lower blocks altogether. One vocabulary projection
+    serves the edited paraphrase and locality states and the unedited locality states.
     """
     edit_b = me.batch([(r.prompt, r.target) for r in reqs])
     edit_p = stack.prepare(edit_b, base_logits=False)
@@ -196,19 +196,22 @@ def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], ro
         run=lambda: stack.logits(edit_p),
     )
     factors = me.factors(edit_b, joint=False, captured=captured)
-    hidden, rows_of, labels, base = [], [], [], None
+    hidden, rows_of, labels, base_hidden = [], [], [], None
     for pairs, groups, is_loc in ((rows.gen, rows.gen_group, False), (rows.loc, rows.loc_group, True)):  # fmt: skip
         if not pairs:
             continue
         b = me.batch(pairs, groups)
-        prepared = stack.prepare(b, base_logits=is_loc)
+        prepared = stack.prepare(b, base_logits=False)
         with me.applied(factors, b.group):
             hidden.append(stack.scored_hidden(prepared))
         rows_of.append(b.pos_row + (len(rows.gen) if is_loc else 0))
         labels.append(b.labels[b.pos_mask])
-        base = prepared.base_logits  # the locality batch comes last
-    logits = stack.project(torch.cat(hidden))
-    return logits, (base if rows.loc else None), torch.cat(rows_of), torch.cat(labels)
+        if is_loc:
+            base_hidden = prepared.base_hidden
+    n_edited = sum(len(h) for h in hidden)
+    logits = stack.project(torch.cat(hidden + ([base_hidden] if base_hidden is not None else [])))
+    base = logits[n_edited:].detach() if base_hidden is not None else None
+    return logits[:n_edited], base, torch.cat(rows_of), torch.cat(labels)
 
 
 def edit_step(

@@ -28,7 +28,8 @@ class Prepared:
     hidden: torch.Tensor  # (R, S, hidden) input of the first upper block
     calls: list[tuple[tuple, dict]]  # (args, kwargs) each upper block was called with
     pos_mask: torch.Tensor  # (R, S) scored positions
-    base_logits: torch.Tensor | None  # (P, V) unedited logits at the scored positions
+    base_hidden: torch.Tensor | None = None  # (P, hidden) unedited final states at scored positions
+    base_logits: torch.Tensor | None = None  # (P, V) their projection, when asked for
 
 
 class RowCache:
@@ -138,13 +139,11 @@ class UpperStack:
         """No-grad forward of batch, keeping what `logits` needs.
 
         Args:
-            base_logits: also compute the unedited logits at the scored positions.
+            base_logits: also project `base_hidden` to the unedited logits. Callers that
+                project other states too can leave it off and project everything in one call.
         """
         if self.cache is None or not self.lower:
-            prepared, final = self._run(batch)
-            if base_logits:
-                prepared.base_logits = self._head(final, batch.pos_mask)
-            return prepared
+            return self._finish(*self._run(batch), base_logits)
         lengths = batch.attention_mask.sum(1).tolist()
         keys = [tuple(batch.input_ids[r, :n].tolist()) for r, n in enumerate(lengths)]
         rows = [self.cache.get(k) for k in keys]
@@ -159,13 +158,15 @@ class UpperStack:
                 rows[r] = (fresh.hidden[i, : lengths[r]], final[i, : lengths[r]])
                 self.cache.put(keys[r], *rows[r])
             if everything:
-                if base_logits:
-                    fresh.base_logits = self._head(final, batch.pos_mask)
-                return fresh
+                return self._finish(fresh, final, base_logits)
         first, final = (self._pad([row[i] for row in rows], lengths) for i in (0, 1))
         prepared, _ = self._run(batch, first)
+        return self._finish(prepared, final, base_logits)
+
+    def _finish(self, prepared: Prepared, final: torch.Tensor, base_logits: bool) -> Prepared:
+        prepared.base_hidden = final[prepared.pos_mask]
         if base_logits:
-            prepared.base_logits = self._head(final, batch.pos_mask)
+            prepared.base_logits = self.project(prepared.base_hidden)
         return prepared
 
     @staticmethod
@@ -174,9 +175,6 @@ class UpperStack:
         for r, h in enumerate(rows):
             out[r, : lengths[r]] = h
         return out
-
-    def _head(self, final: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
-        return self.project(final[pos_mask])
 
     def _run(self, batch, first: torch.Tensor | None = None):
         """The model's forward, recording each upper block's call.
@@ -223,7 +221,7 @@ class UpperStack:
         if first is None:
             args, kwargs = calls[0]
             first = args[0] if args else kwargs["hidden_states"]
-        return Prepared(first, calls, batch.pos_mask, None), out.last_hidden_state
+        return Prepared(first, calls, batch.pos_mask), out.last_hidden_state
 
     def logits(self, prepared: Prepared) -> torch.Tensor:
         """Scored logits (P, V) of a prepared batch, running only the upper blocks."""
