@@ -65,7 +65,7 @@ def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits):
                     ppls.append(perplexity(model, tok, ppl_text))
 
             t = time.perf_counter()
-            rep = evaluate(model, tok, method, edits, progress=False, after_edit=after)
+            rep = evaluate(model, tok, method, edits, after_edit=after, desc=f"{ds_name} {name}")
             rep["ppl_pre"], rep["ppl_post"] = base_ppl, sum(ppls) / len(ppls)
             rep["wall_seconds"] = time.perf_counter() - t
             out.setdefault(ds_name, {})[name] = rep
@@ -79,7 +79,7 @@ def run_batched(model, tok, methods, edits, ks):
     for name in ("mend", "ft"):
         for k in ks:
             rep = evaluate(model, tok, methods[name], edits[: max(k, len(edits) // k * k)], batch_size=k,
-                           progress=False)  # fmt: skip
+                           desc=f"batch k={k} {name}")  # fmt: skip
             out.setdefault(name, {})[k] = rep
             print(f"[batch k={k:<3}] {name:<6} " + fmt_row(rep))
     return out

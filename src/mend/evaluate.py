@@ -112,12 +112,14 @@ def evaluate(
     batch_size: int = 1,
     progress: bool = True,
     after_edit=None,
+    desc: str = "eval",
 ) -> dict:
     """Edit `batch_size` requests at a time, score before and after, revert, repeat.
 
     Args:
         after_edit: optional callback run on the edited model (before revert) of each batch,
             e.g. to measure perplexity on some of them.
+        desc: the progress bar's label.
 
     Returns:
         {"n_edits", "rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score",
@@ -126,7 +128,7 @@ def evaluate(
     """
     post, pre, seconds = defaultdict(list), defaultdict(list), []
     chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-    for i, chunk in enumerate(tqdm(chunks, desc="eval", disable=not progress)):
+    for i, chunk in enumerate(tqdm(chunks, desc=desc, disable=not progress, leave=False)):
         base = score(model, tokenizer, chunk)
         result = method.edit(chunk)
         try:
