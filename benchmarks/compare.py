@@ -57,6 +57,7 @@ def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits):
     base_ppl = perplexity(model, tok, ppl_text)
     for ds_name, edits in datasets.items():
         stride = max(1, len(edits) // n_ppl_edits)
+        unedited = {}  # the unedited scores, shared by all methods
         for name, method in methods.items():
             ppls = []
 
@@ -65,7 +66,8 @@ def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits):
                     ppls.append(perplexity(model, tok, ppl_text))
 
             t = time.perf_counter()
-            rep = evaluate(model, tok, method, edits, after_edit=after, desc=f"{ds_name} {name}")
+            rep = evaluate(model, tok, method, edits, after_edit=after, desc=f"{ds_name} {name}",
+                           unedited=unedited)  # fmt: skip
             rep["ppl_pre"], rep["ppl_post"] = base_ppl, sum(ppls) / len(ppls)
             rep["wall_seconds"] = time.perf_counter() - t
             out.setdefault(ds_name, {})[name] = rep
@@ -75,11 +77,11 @@ def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits):
 
 def run_batched(model, tok, methods, edits, ks):
     """Run 2: k edits applied as one batch; metrics over all edits."""
-    out = {}
+    out, unedited = {}, {}
     for name in ("mend", "ft"):
         for k in ks:
             rep = evaluate(model, tok, methods[name], edits[: max(k, len(edits) // k * k)], batch_size=k,
-                           desc=f"batch k={k} {name}")  # fmt: skip
+                           desc=f"batch k={k} {name}", unedited=unedited)  # fmt: skip
             out.setdefault(name, {})[k] = rep
             print(f"[batch k={k:<3}] {name:<6} " + fmt_row(rep))
     return out

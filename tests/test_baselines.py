@@ -71,3 +71,18 @@ def test_none_changes_nothing(tokenizer):
     assert report["locality_acc"] == 1.0
     assert report["rewrite_acc"] == report["pre"]["rewrite_acc"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_methods_can_share_the_unedited_scores(tokenizer):
+    model = tiny_model("gpt2", len(tokenizer))
+    reqs = fact_requests(4)
+    shared: dict = {}
+    first = evaluate(model, tokenizer, GradEditor(model, tokenizer, lr=10.0), reqs, batch_size=2,
+                     progress=False, unedited=shared)  # fmt: skip
+    assert sorted(shared) == [(2, 0), (2, 1)]  # one unedited score per batch of edits
+    ft = FTEditor(model, tokenizer, lr=1e-2, max_steps=20)
+    alone = evaluate(model, tokenizer, ft, reqs, batch_size=2, progress=False)
+    reused = evaluate(model, tokenizer, ft, reqs, batch_size=2, progress=False, unedited=shared)
+    assert reused["pre"] == alone["pre"] == first["pre"]
+    for k in ("rewrite_acc", "rephrase_acc", "locality_acc"):
+        assert reused[k] == alone[k], k

@@ -113,6 +113,7 @@ def evaluate(
     progress: bool = True,
     after_edit=None,
     desc: str = "eval",
+    unedited: dict | None = None,
 ) -> dict:
     """Edit `batch_size` requests at a time, score before and after, revert, repeat.
 
@@ -120,6 +121,9 @@ def evaluate(
         after_edit: optional callback run on the edited model (before revert) of each batch,
             e.g. to measure perplexity on some of them.
         desc: the progress bar's label.
+        unedited: a dict shared by calls on the same requests (any method): the unedited
+            model's scores are computed by the first call and reused by the others. Valid
+            because every method reverts to the exact weights after each batch.
 
     Returns:
         {"n_edits", "rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score",
@@ -129,7 +133,12 @@ def evaluate(
     post, pre, seconds = defaultdict(list), defaultdict(list), []
     chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     for i, chunk in enumerate(tqdm(chunks, desc=desc, disable=not progress, leave=False)):
-        base = score(model, tokenizer, chunk)
+        key = (batch_size, i)
+        base = unedited.get(key) if unedited is not None else None
+        if base is None:
+            base = score(model, tokenizer, chunk)
+            if unedited is not None:
+                unedited[key] = base
         result = method.edit(chunk)
         try:
             edited = score(model, tokenizer, chunk, base)
