@@ -29,15 +29,19 @@ SHORT = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "
          "efficacy_score": "ES", "paraphrase_score": "PS", "neighborhood_score": "NS"}  # fmt: skip
 
 
-def make_methods(model, tok, editor_dir, grad_lr, ft_steps):
+METHODS = ("mend", "ft", "ft-kl", "grad", "none")
+
+
+def make_methods(model, tok, editor_dir, grad_lr, ft_steps, names=METHODS):
     loc = wikitext_prompts(resolve_data("wikitext-valid"), 256)
-    return {
-        "mend": MendEditor(model, tok, load_editor(editor_dir, model)),
-        "ft": FTEditor(model, tok, max_steps=ft_steps),
-        "ft-kl": FTEditor(model, tok, max_steps=ft_steps, kl_weight=1.0, loc_prompts=loc),
-        "grad": GradEditor(model, tok, lr=grad_lr),
-        "none": NoEdit(model, tok),
+    makers = {
+        "mend": lambda: MendEditor(model, tok, load_editor(editor_dir, model)),
+        "ft": lambda: FTEditor(model, tok, max_steps=ft_steps),
+        "ft-kl": lambda: FTEditor(model, tok, max_steps=ft_steps, kl_weight=1.0, loc_prompts=loc),
+        "grad": lambda: GradEditor(model, tok, lr=grad_lr),
+        "none": lambda: NoEdit(model, tok),
     }
+    return {name: makers[name]() for name in names}
 
 
 def tune_grad_lr(model, tok, edits) -> float:
@@ -51,14 +55,20 @@ def tune_grad_lr(model, tok, edits) -> float:
     return best_lr
 
 
-def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits):
-    """Run 1: every method on every data set, one edit at a time, plus perplexity drawdown."""
+def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits, editor_for=None):
+    """Run 1: every method on every data set, one edit at a time, plus perplexity drawdown.
+
+    Args:
+        editor_for: {data set: MendEditor} replacing methods["mend"] on that data set (an
+            editor trained on that data set's training split).
+    """
     out = {}
     base_ppl = perplexity(model, tok, ppl_text)
     for ds_name, edits in datasets.items():
         stride = max(1, len(edits) // n_ppl_edits)
         unedited = {}  # the unedited scores, shared by all methods
-        for name, method in methods.items():
+        own = {"mend": (editor_for or {})[ds_name]} if ds_name in (editor_for or {}) else {}
+        for name, method in (methods | own).items():
             ppls = []
 
             def after(i, ppls=ppls, stride=stride):
@@ -118,7 +128,7 @@ def write_markdown(report, path: Path) -> None:
              f"Command: `{report['command']}`", ""]  # fmt: skip
     head = "| data | method | " + " | ".join(SHORT[k] for k in METRICS)
     head += " | ppl pre | ppl post | s/edit (median) |"
-    for ds, methods in report["single"].items():
+    for ds, methods in report.get("single", {}).items():
         lines += [f"## Single edits: {ds} (n={next(iter(methods.values()))['n_edits']})", "", head,
                   "|" + "---|" * (len(METRICS) + 5)]  # fmt: skip
         for name, r in methods.items():
@@ -126,15 +136,17 @@ def write_markdown(report, path: Path) -> None:
             lines.append(f"| {ds} | {name} | " + " | ".join(cells)
                          + f" | {r['ppl_pre']:.2f} | {r['ppl_post']:.2f} | {r['edit_seconds_median']:.4f} |")  # fmt: skip
         lines.append("")
-    lines += ["## Simultaneous edits (one batch of k edits)", "", "| method | k | "
-              + " | ".join(SHORT[k] for k in METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]  # fmt: skip
-    for name, by_k in report["batched"].items():
+    if "batched" in report:
+        lines += ["## Simultaneous edits (one batch of k edits)", "", "| method | k | "
+                  + " | ".join(SHORT[k] for k in METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]  # fmt: skip
+    for name, by_k in report.get("batched", {}).items():
         for k, r in by_k.items():
             cells = [f"{r[m]:.3f}" if r.get(m) is not None else "-" for m in METRICS]
             lines.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
-    lines += ["", "## Sequential edits (applied one after another)", "", "| method | n | "
-              + " | ".join(SHORT[k] for k in METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]  # fmt: skip
-    for name, curve in report["sequential"].items():
+    if "sequential" in report:
+        lines += ["", "## Sequential edits (applied one after another)", "", "| method | n | "
+                  + " | ".join(SHORT[k] for k in METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]  # fmt: skip
+    for name, curve in report.get("sequential", {}).items():
         for row in curve:
             cells = [f"{row[m]:.3f}" if row.get(m) is not None else "-" for m in METRICS]
             lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
@@ -148,6 +160,8 @@ def plot(report, prefix: Path) -> None:
     import matplotlib.pyplot as plt
 
     for run, xlabel in (("batched", "edits per batch k"), ("sequential", "edits applied")):
+        if run not in report:
+            continue
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         for ax, metric in zip(axes, ("rewrite_acc", "rephrase_acc", "locality_acc"), strict=True):
             for name, data in report[run].items():
@@ -179,6 +193,13 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--ft-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--zsre-editor", help="editor for the zsRE edits (default: --editor)")
+    ap.add_argument("--runs", nargs="+", choices=("single", "batched", "sequential"),
+                    default=["single", "batched", "sequential"])  # fmt: skip
+    ap.add_argument("--datasets", nargs="+", choices=("counterfact", "zsre"),
+                    default=["counterfact", "zsre"], help="data sets of the single-edit run")  # fmt: skip
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="methods of the single-edit run (batched and sequential: mend and ft)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,17 +212,30 @@ def main(argv=None) -> None:
     max_len = context_length(model)
     cf = load_checked("counterfact-val", tok, max_len, limit=max(n, n_batch, n_seq))
     zsre = load_checked("zsre-eval", tok, max_len, limit=n)
-    tune = load_checked("counterfact-train", tok, max_len)[-20:]
-    grad_lr = tune_grad_lr(model, tok, tune[:10] if args.quick else tune)
-    print(f"grad baseline step size: {grad_lr:g}")
-    methods = make_methods(model, tok, args.editor, grad_lr, args.ft_steps)
+    grad_lr = None
+    if "grad" in args.methods and "single" in args.runs:
+        tune = load_checked("counterfact-train", tok, max_len)[-20:]
+        grad_lr = tune_grad_lr(model, tok, tune[:10] if args.quick else tune)
+        print(f"grad baseline step size: {grad_lr:g}")
+    names = set(args.methods if "single" in args.runs else ())
+    names |= {"mend", "ft"} if {"batched", "sequential"} & set(args.runs) else set()
+    methods = make_methods(model, tok, args.editor, grad_lr, args.ft_steps,
+                           [m for m in METHODS if m in names])  # fmt: skip
+    editor_for = {}
+    if args.zsre_editor:
+        editor_for["zsre"] = MendEditor(model, tok, load_editor(args.zsre_editor, model))
     text = read_text(resolve_data("wikitext-valid"))
-    report = {"model": args.model, "editor": args.editor, "quick": args.quick, "grad_lr": grad_lr,
-              "command": "python " + " ".join(sys.argv)}  # fmt: skip
-    report["single"] = run_single(model, tok, methods, {"counterfact": cf[:n], "zsre": zsre[:n]},
-                                  text, 2 if args.quick else 10)  # fmt: skip
-    report["batched"] = run_batched(model, tok, methods, cf[:n_batch], ks)
-    report["sequential"] = run_sequential(model, tok, methods, cf[:n_seq], every)
+    report = {"model": args.model, "editor": args.editor, "zsre_editor": args.zsre_editor,
+              "quick": args.quick, "grad_lr": grad_lr, "command": "python " + " ".join(sys.argv)}  # fmt: skip
+    if "single" in args.runs:
+        single = {m: methods[m] for m in args.methods}
+        sets = {"counterfact": cf[:n], "zsre": zsre[:n]}
+        report["single"] = run_single(model, tok, single, {d: sets[d] for d in args.datasets},
+                                      text, 2 if args.quick else 10, editor_for)  # fmt: skip
+    if "batched" in args.runs:
+        report["batched"] = run_batched(model, tok, methods, cf[:n_batch], ks)
+    if "sequential" in args.runs:
+        report["sequential"] = run_sequential(model, tok, methods, cf[:n_seq], every)
     name = args.name + ("-quick" if args.quick else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", report)
