@@ -96,6 +96,31 @@ def test_revert_restores_bit_identical_weights(family_model, tokenizer):
         assert torch.equal(v, before[k]), k
 
 
+def test_edits_reuse_reverted_tensors_and_stack_revert_in_order(tokenizer):
+    from conftest import tiny_model
+
+    model = tiny_model("gpt2", len(tokenizer))  # Conv1D: the transposed layout
+    me = _editor_for(model, tokenizer, init_alpha=0.1)
+    before = {p.name: p.weight.detach().clone() for p in me.params}
+    a = me.edit(fact_requests(2, seed=1))
+    first = {p.name: (p.weight.data_ptr(), p.weight.detach().clone()) for p in me.params}
+    for p in me.params:  # the applied change is W + Delta W, Delta W = result.deltas
+        torch.testing.assert_close(p.weight, before[p.name] + a.deltas[p.name], rtol=0, atol=1e-6)
+    a.revert()
+    again = me.edit(fact_requests(2, seed=1))  # the same edit, into the spare tensors
+    for p in me.params:
+        ptr, weight = first[p.name]
+        assert p.weight.data_ptr() == ptr  # no new allocation
+        assert torch.equal(p.weight, weight)  # and the same result
+    b = me.edit(fact_requests(2, seed=2))  # a second edit on top of the first
+    b.revert()
+    for p in me.params:
+        assert torch.equal(p.weight, first[p.name][1])
+    again.revert()
+    for p in me.params:
+        assert torch.equal(p.weight, before[p.name])
+
+
 def test_per_row_groups_equal_separate_single_edits(tokenizer):
     from conftest import tiny_model
 

@@ -22,7 +22,7 @@ from mend.errors import MendError
 from mend.grads import capture
 from mend.losses import edit_loss
 from mend.models.params import find_editable
-from mend.result import EditResult
+from mend.result import EditResult, WeightPool
 from mend.types import EditRequest
 
 # {weight name: (u~ (G, T, in), delta~ (G, T, out))}: G edit groups of T token slots each;
@@ -49,6 +49,7 @@ class MendEditor:
                     f"(in, out) here but {editor.shapes[p.name]} in the editor"
                 )
         self.max_len = context_length(model)
+        self._spares = WeightPool()
 
     @property
     def device(self) -> torch.device:
@@ -127,14 +128,14 @@ class MendEditor:
 
     def weight_deltas(self, factors: Factors, group: int = 0) -> dict[str, torch.Tensor]:
         """Materialise -alpha * Delta W of one group, in each weight's storage layout."""
-        deltas = {}
+        return {p.name: p.outer_sum(*f) for p, f in self._factor_pairs(factors, group)}
+
+    def _factor_pairs(self, factors: Factors, group: int = 0):
+        """(param, (u, d)) per edited weight, with -alpha folded into the small factor u."""
         for p in self.params:
-            if p.name not in factors:
-                continue
-            u, d = factors[p.name][0][group], factors[p.name][1][group]  # (T, in), (T, out)
-            u = -self.editor.alpha(p.name) * u  # scale the small factor, not the matrix
-            deltas[p.name] = p.outer_sum(u, d)
-        return deltas
+            if p.name in factors:
+                u, d = factors[p.name][0][group], factors[p.name][1][group]  # (T, in), (T, out)
+                yield p, (-self.editor.alpha(p.name) * u, d)
 
     def _non_finite(self, factors: Factors) -> str | None:
         """The first matrix whose Delta W could hold an inf or nan, judged on its factors.
@@ -170,9 +171,9 @@ class MendEditor:
                 bad = self._non_finite(factors)
                 if bad is not None:
                     raise MendError(f"the edit is not finite at {bad} (weights left unchanged)")
-                deltas = self.weight_deltas(factors)
+                updates = {p.name: pair for p, pair in self._factor_pairs(factors)}
+                result = EditResult(self.model, self.params, updates, 0.0, self._spares)
         finally:
             self.editor.train(was_training)
-        result = EditResult(self.model, self.params, deltas, 0.0)
         result.seconds = time.perf_counter() - start
         return result

@@ -45,37 +45,94 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+class WeightPool:
+    """One spare tensor per edited weight, reused from edit to edit.
+
+    An edit swaps in a new tensor for each edited weight (so that revert is a bit-exact swap
+    back). Allocating a fresh one costs more than filling it: for a 3.5 MB SmolLM2 MLP matrix
+    the allocator maps new pages, about 1.3 ms, against 0.1 ms for the sum itself, and 9
+    matrices with their deltas made a single edit about a quarter slower than it needs to be.
+    A reverted edit leaves its tensors here for the next one.
+    """
+
+    def __init__(self):
+        self.spare: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        t = self.spare.pop(name, None)
+        ok = t is not None and (t.shape, t.dtype, t.device) == (like.shape, like.dtype, like.device)
+        return t if ok else torch.empty_like(like)
+
+    def give(self, name: str, t: torch.Tensor) -> None:
+        self.spare[name] = t
+
+
+Update = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
 class EditResult:
     """An applied edit. The model's weights are already changed in place.
 
+    Args:
+        updates: {weight name: the change}, either a tensor in the weight's own layout or a
+            low-rank pair (u (T, in), d (T, out)) meaning `EditableParam.outer_sum(u, d)`,
+            which is added in one fused product without materialising the change.
+        pool: where reverted tensors go for reuse (see WeightPool); None allocates each time.
+
     Attributes:
-        deltas: {weight name: the tensor added to that weight}, in the weight's own layout.
+        deltas: {weight name: the tensor added to that weight} (materialised on first use).
         seconds: wall time of the edit.
     """
 
     def __init__(
-        self, model, params: list[EditableParam], deltas: dict[str, torch.Tensor], seconds: float
+        self,
+        model,
+        params: list[EditableParam],
+        updates: dict[str, Update],
+        seconds: float,
+        pool: WeightPool | None = None,
     ):
         self.model = model
-        self.deltas = deltas
         self.seconds = seconds
-        self._params = {p.name: p for p in params if p.name in deltas}
+        self._updates = updates
+        self._deltas: dict[str, torch.Tensor] | None = None
+        self._pool = pool
+        self._params = {p.name: p for p in params if p.name in updates}
         # The edited weight is a new tensor swapped in; the original tensor itself is kept, so
         # reverting is a swap back (bit-exact, no copy) and editing costs one add.
         self._originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, delta in deltas.items():
-                w = self._params[name].weight
-                self._originals[name] = w.data
-                w.data = w.data + delta.to(w.dtype)
+            for name, change in updates.items():
+                p = self._params[name]
+                w = p.weight.data
+                new = pool.take(name, w) if pool is not None else torch.empty_like(w)
+                if isinstance(change, tuple) and change[0].dtype == w.dtype:
+                    p.outer_sum(*change, base=w, out=new)
+                else:
+                    torch.add(w, self._delta(name).to(w.dtype), out=new)
+                self._originals[name] = w
+                p.weight.data = new
         self.reverted = False
+
+    def _delta(self, name: str) -> torch.Tensor:
+        change = self._updates[name]
+        return self._params[name].outer_sum(*change) if isinstance(change, tuple) else change
+
+    @property
+    def deltas(self) -> dict[str, torch.Tensor]:
+        if self._deltas is None:
+            self._deltas = {name: self._delta(name) for name in self._updates}
+        return self._deltas
 
     def revert(self) -> None:
         """Restore the weights exactly (bit for bit) as they were before the edit."""
         if self.reverted:
             return
         for name, original in self._originals.items():
-            self._params[name].weight.data = original
+            p = self._params[name]
+            edited, p.weight.data = p.weight.data, original
+            if self._pool is not None:
+                self._pool.give(name, edited)
         self.reverted = True
 
     def save_pretrained(self, path: str | Path, tokenizer=None) -> None:

@@ -36,9 +36,21 @@ class EditableParam:
         rows, cols = self.weight.shape
         return (rows, cols) if self.transposed else (cols, rows)
 
-    def outer_sum(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """sum_t delta_t u_t^T in this weight's storage layout: u (T, in), delta (T, out)."""
-        return u.T @ delta if self.transposed else delta.T @ u
+    def outer_sum(
+        self,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        base: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """sum_t delta_t u_t^T in this weight's storage layout: u (T, in), delta (T, out).
+
+        With `base`, returns base + that sum in one fused product (written into `out` if given).
+        """
+        a, b = (u.T, delta) if self.transposed else (delta.T, u)
+        if base is None:
+            return a @ b
+        return torch.addmm(base, a, b, out=out)
 
 
 def _n_blocks(model, path: str) -> int:
