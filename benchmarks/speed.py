@@ -3,19 +3,23 @@
     python benchmarks/speed.py [--model smollm2-135m] [--steps 5] [--out docs/results/speed.md]
 
 Prints (and writes as Markdown + JSON):
-- one training step of the reference path and of the fast path, on the same batches: time, peak
-  memory, ratio. The fast path is timed three times: on rows it has not seen (the first epoch),
-  the same with the lower blocks' no-grad pass in bf16 (`--lower-precision bf16`), and on rows
-  whose lower-block activations are in its row cache (every later epoch);
+- one training step of the reference path and of the fast path, on the same batches, timed in
+  this process with the paths interleaved step by step: time, ratio, and each path's peak
+  memory (from a process of its own). The fast path is timed three times: on rows it has not
+  seen (the first epoch), the same with the lower blocks' no-grad pass in bf16
+  (`--lower-precision bf16`), and on rows whose lower-block activations are in its row cache
+  (every later epoch);
 - single-edit latency vs one plain no-grad forward pass of the same ~15-token prompt, ratio;
 - batched edit throughput (edits/s) for k = 1, 10, 100;
 - the median time per edit of the `ft` baseline.
-Peak memory is the process's peak resident set: each training path runs in its own process.
+Peak memory is the peak resident set of a process holding the model and data, over two steps
+of one path (on Linux the peak is reset after loading, which peaks higher than a step).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import random
 import resource
@@ -41,7 +45,18 @@ PROMPT = "The mother tongue of Danielle Darrieux, the French actress, is"  # ~15
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process since start or the last `_reset_peak()`, in MB."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    """Start the peak over from the current resident memory (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 MODES = {"reference": "reference path", "fast": "fast path, new rows",
@@ -49,51 +64,69 @@ MODES = {"reference": "reference path", "fast": "fast path, new rows",
          "fast_warm": "fast path, cached rows"}  # fmt: skip
 
 
-def _train_steps(args, mode: str, queue) -> None:
-    """Child process: time `steps` training steps of one path."""
-    reference = mode == "reference"
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+def _setup(args, model, tok):
+    """Training data, config and a fresh editor bound to the model, the same for every path."""
     model.requires_grad_(False)
     data = load_checked("counterfact-train", tok, context_length(model))[:2000]
-    cfg = TrainConfig(
-        editor=EditorConfig(rank=args.rank), batch_size=args.batch, reference=reference
-    )
+    cfg = TrainConfig(editor=EditorConfig(rank=args.rank), batch_size=args.batch)
     params = find_editable(model)
     torch.manual_seed(0)
     editor = Editor({p.name: p.in_out for p in params}, cfg.editor).train()
     me = MendEditor(model, tok, editor)
     start = UpperStack.first_edited_block(model, [p.name for p in params])
-    cache = RowCache(cfg.row_cache_mb << 20) if mode == "fast_warm" else None
-    lower = torch.bfloat16 if mode == "fast_bf16" else None
-    stack = None if reference else UpperStack(model, start, cache, lower_dtype=lower)
-    similar = similar_index(data)
-    rss_before = _rss_mb()
-    times = []
-    for timed in (False, True) if cache is not None else (True,):  # fast_warm: untimed pass
-        for step in range(args.steps + 1):
-            rng = random.Random(step)
-            reqs = rng.sample(data, args.batch)
-            rows = build_rows(reqs, data, cfg, rng, similar)
-            t = time.perf_counter()
-            loss, _ = edit_step(me, reqs, rows, cfg, stack)
-            loss.backward()
-            if step and timed:  # the first step warms up
-                times.append(time.perf_counter() - t)
-    queue.put({"step_seconds": statistics.median(times), "peak_rss_mb": _rss_mb(),
-               "rss_model_mb": rss_before})  # fmt: skip
+    stacks = {
+        "reference": None,
+        "fast": UpperStack(model, start),
+        "fast_bf16": UpperStack(model, start, lower_dtype=torch.bfloat16),
+        "fast_warm": UpperStack(model, start, RowCache(cfg.row_cache_mb << 20)),
+    }
+    return data, cfg, me, stacks, similar_index(data)
 
 
-def train_speed(args) -> dict:
+def _step(data, cfg, me, stack, similar, step: int) -> float:
+    """One training step (forward, backward) on the batch of `step`; its wall time."""
+    rng = random.Random(step)
+    reqs = rng.sample(data, cfg.batch_size)
+    rows = build_rows(reqs, data, cfg, rng, similar)
+    t = time.perf_counter()
+    loss, _ = edit_step(me, reqs, rows, cfg, stack)
+    loss.backward()
+    return time.perf_counter() - t
+
+
+def _peak_memory(args, mode: str, queue) -> None:
+    """Child process: peak resident memory of two training steps of one path."""
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    data, cfg, me, stacks, similar = _setup(args, model, tok)
+    _reset_peak()  # loading the model peaks higher than a step; count from here
+    rss_model = _rss_mb()
+    for step in range(2 if mode != "fast_warm" else 4):
+        _step(data, cfg, me, stacks[mode], similar, step % 2)  # fast_warm: the rows again
+    queue.put({"peak_rss_mb": _rss_mb(), "rss_model_mb": rss_model})
+
+
+def train_speed(args, model, tok) -> dict:
+    """Step time of every path, interleaved step by step in this process (so machine noise
+    hits all paths alike), and each path's peak memory from a process of its own."""
+    data, cfg, me, stacks, similar = _setup(args, model, tok)
+    for step in range(args.steps + 1):  # fill the row cache of the cached path (untimed)
+        _step(data, cfg, me, stacks["fast_warm"], similar, step)
+    times = {mode: [] for mode in MODES}
+    for step in range(args.steps + 1):
+        for mode in MODES:
+            t = _step(data, cfg, me, stacks[mode], similar, step)
+            if step:  # the first step warms up
+                times[mode].append(t)
     out = {}
     ctx = mp.get_context("spawn")
     for mode, label in MODES.items():
         q = ctx.Queue()
-        p = ctx.Process(target=_train_steps, args=(args, mode, q))
+        p = ctx.Process(target=_peak_memory, args=(args, mode, q))
         p.start()
-        out[mode] = q.get()
+        out[mode] = {"step_seconds": statistics.median(times[mode]), **q.get()}
         p.join()
-        print(f"train step, {label:<22}: {out[mode]['step_seconds']:.3f} s, "
+        print(f"train step, {label:<38}: {out[mode]['step_seconds']:.3f} s, "
               f"peak RSS {out[mode]['peak_rss_mb']:.0f} MB")  # fmt: skip
     ref = out["reference"]["step_seconds"]
     out["speedup"] = ref / out["fast"]["step_seconds"]
@@ -167,8 +200,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = {"model": args.model, "threads": args.threads, "batch": args.batch, "rank": args.rank}
-    report["train"] = train_speed(args)
     model, tok = load_model(args.model)
+    report["train"] = train_speed(args, model, tok)
     edits = load_checked("counterfact-val", tok, context_length(model), limit=100)
     if args.editor:
         editor = load_editor(args.editor, model)
@@ -190,7 +223,8 @@ def to_markdown(r: dict) -> str:
     lines = [f"# Speed: {r['model']} on CPU ({r['threads']} threads)", "",
              "| measurement | value |", "|---|---|",
              *(f"| train step, {label} (batch {r['batch']} edits) | {t[m]['step_seconds']:.3f} s, "
-               f"peak RSS {t[m]['peak_rss_mb']:.0f} MB |" for m, label in MODES.items()),
+               f"peak RSS {t[m]['peak_rss_mb']:.0f} MB ({t[m]['rss_model_mb']:.0f} MB before the steps) |"
+               for m, label in MODES.items()),
              f"| fast-path speed-up, new rows | {t['speedup']:.2f}x |",
              f"| fast-path speed-up, new rows, bf16 lower blocks | {t['speedup_bf16']:.2f}x |",
              f"| fast-path speed-up, cached rows | {t['speedup_warm']:.2f}x |",
