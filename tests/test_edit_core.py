@@ -73,7 +73,7 @@ def test_functional_and_in_place_edits_give_the_same_logits(family_model, tokeni
     probe = me.batch([(r.rephrases[0], r.target) for r in reqs])
     with torch.no_grad():
         before = scored_logits(model, probe)
-        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), joint=True)
+        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=None)
         with me.applied(factors):
             functional = scored_logits(model, probe)
     result = me.edit(reqs)
@@ -130,13 +130,13 @@ def test_per_row_groups_equal_separate_single_edits(tokenizer):
     reqs = fact_requests(3)
     probe_pairs = [(r.rephrases[0], r.target) for r in reqs]
     with torch.no_grad():
-        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), joint=False)
+        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=1)
         together = me.batch(probe_pairs)
         with me.applied(factors, together.group):
             side_by_side = scored_logits(model, together)
         singles = []
         for i, r in enumerate(reqs):
-            f_i = me.factors(me.batch([(r.prompt, r.target)]), joint=True)
+            f_i = me.factors(me.batch([(r.prompt, r.target)]), rows_per_edit=None)
             with me.applied(f_i):
                 singles.append(scored_logits(model, me.batch([probe_pairs[i]])))
     torch.testing.assert_close(side_by_side, torch.cat(singles), rtol=1e-4, atol=1e-5)
@@ -156,7 +156,7 @@ def test_non_finite_edit_is_refused_and_leaves_weights_alone(tokenizer, broken):
         else:  # alpha itself is finite (1.6e38); alpha * u^T delta is not
             me.editor.log_alpha.fill_(88.0)
             assert torch.isfinite(me.editor.log_alpha.exp()).all()
-            factors = me.factors(me.batch([(fact_requests(1)[0].prompt, "x")]), joint=True)
+            factors = me.factors(me.batch([(fact_requests(1)[0].prompt, "x")]), rows_per_edit=None)
             assert not all(torch.isfinite(d).all() for d in me.weight_deltas(factors).values())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(MendError, match="not finite"):

@@ -142,3 +142,41 @@ def test_lower_precision_setting():
     assert TrainConfig(lower_precision="auto").lower_precision == "auto"
     assert bf16_is_fast(torch.device("meta")) is False
     assert isinstance(bf16_is_fast(torch.device("cpu")), bool)
+
+
+def test_joint_training_rows_see_exactly_the_batched_edit(tokenizer):
+    """Training with joint_edits=2 scores each pair's rows under the pair's summed edit: the
+    same logits as `MendEditor.edit` of the pair in place, on both paths."""
+    from conftest import tiny_model
+
+    from mend.train import _forward_fast, _forward_reference
+
+    model = tiny_model("llama", len(tokenizer)).requires_grad_(False)
+    params = find_editable(model)
+    cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05), loc_per_edit=2, joint_edits=2)
+    torch.manual_seed(0)
+    editor = Editor({p.name: p.in_out for p in params}, cfg.editor)
+    with torch.no_grad():
+        for prm in editor.parameters():
+            prm.add_(0.02 * torch.randn_like(prm))
+    me = MendEditor(model, tokenizer, editor.eval())
+    pool = fact_requests(30)
+    reqs = pool[:4]
+    rows = build_rows(reqs, pool, cfg, random.Random(3), joint=2)
+    assert rows.gen_group == [0, 0, 0, 0, 1, 1, 1, 1]  # prompt + rephrase of edits 0-1, 2-3
+    stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
+    with torch.no_grad():
+        fast = _forward_fast(me, stack, reqs, rows, joint=2)[0]
+        ref = _forward_reference(me, reqs, rows, joint=2)[0]
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    gen = me.batch(rows.gen, rows.gen_group)
+    first_pair = gen.group[gen.pos_row] == 0
+    result = me.edit(reqs[:2])
+    with torch.no_grad():
+        in_place = scored_logits(model, gen)
+    result.revert()
+    n_gen = int(gen.pos_mask.sum())
+    torch.testing.assert_close(fast[:n_gen][first_pair], in_place[first_pair], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        unedited = scored_logits(model, gen)
+    assert (in_place[first_pair] - unedited[first_pair]).abs().max() > 1e-2  # the edit took

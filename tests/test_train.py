@@ -114,8 +114,8 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
     real = train_mod.edit_step
     calls = {"n": 0}
 
-    def poisoned(me, reqs, rows, cfg, stack=None):
-        loss, stats = real(me, reqs, rows, cfg, stack)
+    def poisoned(me, reqs, rows, cfg, stack=None, joint=1):
+        loss, stats = real(me, reqs, rows, cfg, stack, joint)
         calls["n"] += 1
         if calls["n"] == 2 and me.editor.training:
             loss = loss * float("nan")
@@ -130,7 +130,10 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
     assert all(torch.isfinite(p).all() for p in editor.parameters())
 
 
-@pytest.mark.parametrize("bad", [dict(lr=0), dict(batch_size=0), dict(c_loc=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(lr=0), dict(batch_size=0), dict(c_loc=-1), dict(joint_edits=3), dict(joint_edits=0)],
+)
 def test_config_rejects_bad_values(bad):
     from mend.errors import MendError
 

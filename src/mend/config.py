@@ -81,6 +81,9 @@ class TrainConfig:
     c_edit: float = 0.1
     c_loc: float = 1.0
     batch_size: int = 4  # independent single edits per step, run side by side
+    # edits per batched edit in training (1: single edits); divides batch_size. Validation
+    # always scores single edits.
+    joint_edits: int = 1
     grad_accum: int = 1
     clip: float = 100.0
     loc_per_edit: int = 4  # extra locality probes sampled from other records, per edit
@@ -112,6 +115,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "val_every", "val_edits"):
             if getattr(self, name) < 1:
                 raise MendError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.joint_edits < 1 or self.batch_size % self.joint_edits:
+            raise MendError(
+                f"joint_edits must divide batch_size ({self.batch_size}), got {self.joint_edits}"
+            )
         if self.select not in ("accuracy", "loss"):
             raise MendError(f"select must be 'accuracy' or 'loss', got {self.select!r}")
         if self.lower_precision not in ("fp32", "bf16", "auto"):

@@ -59,15 +59,20 @@ class MendEditor:
         """Tokenise (prompt, target-or-None) pairs for this model."""
         return make_batch(self.tokenizer, pairs, groups, self.max_len).to(self.device)
 
-    def factors(self, batch: TokenBatch, joint: bool = False, captured=None) -> Factors:
+    def factors(self, batch: TokenBatch, rows_per_edit: int | None = 1, captured=None) -> Factors:
         """Editor-transformed gradient factors for the edit rows of `batch`.
 
         Args:
-            batch: one row per edit (prompt + target).
-            joint: False gives one edit per row (G = rows); True sums all rows into one edit.
+            batch: one row per request (prompt + target).
+            rows_per_edit: how many consecutive rows make one edit (their changes summed):
+                1 gives one edit per row (G = rows), None one edit of all rows (a batched
+                edit); it must divide the number of rows.
             captured: (u, delta) from `grads.capture` on batch, if already computed; rows
                 whose delta is zero carry no edit.
         """
+        k = len(batch) if rows_per_edit is None else rows_per_edit
+        if k < 1 or len(batch) % k:
+            raise MendError(f"cannot split {len(batch)} rows into edits of {k} rows")
         if captured is None:
             captured, _ = capture(self.model, self.params, batch, lambda lg: edit_loss(lg, batch))
         flat, masks = {}, {}
@@ -83,9 +88,9 @@ class MendEditor:
             u, delta = captured[name]
             u_full = u.new_zeros(u.shape).index_put(idx, u_t)  # (R, S, in)
             d_full = delta.new_zeros(delta.shape).index_put(idx, d_t)  # (R, S, out)
-            if joint:
-                u_full = u_full.reshape(1, -1, u_full.shape[-1])
-                d_full = d_full.reshape(1, -1, d_full.shape[-1])
+            if k > 1:  # (R, S, .) -> (R / k, k S, .): consecutive rows share one edit
+                u_full = u_full.reshape(len(batch) // k, -1, u_full.shape[-1])
+                d_full = d_full.reshape(len(batch) // k, -1, d_full.shape[-1])
             out[name] = (u_full, d_full)
         return out
 
@@ -167,7 +172,7 @@ class MendEditor:
         self.editor.eval()
         try:
             with torch.no_grad():
-                factors = self.factors(batch, joint=True)
+                factors = self.factors(batch, rows_per_edit=None)
                 bad = self._non_finite(factors)
                 if bad is not None:
                     raise MendError(f"the edit is not finite at {bad} (weights left unchanged)")

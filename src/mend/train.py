@@ -82,6 +82,7 @@ def build_rows(
     cfg: TrainConfig,
     rng: random.Random | None,
     similar: dict[str, list[int]] | None = None,
+    joint: int = 1,
 ) -> StepRows:
     """Paraphrase rows (generalisation) and locality rows for a set of edits.
 
@@ -89,7 +90,8 @@ def build_rows(
     inputs are drawn from other records, half of them (when `similar` is given) from records
     that end like this one: the same relation about another subject, the inputs an edit most
     easily spills onto. Without an rng (validation) every paraphrase is used and a record with
-    no locality probe borrows the next record of the pool.
+    no locality probe borrows the next record of the pool. With `joint` > 1, every `joint`
+    consecutive edits form one batched edit, and their rows are scored under it.
     """
     rows = StepRows([], [], [], [], [], [])
     for i, r in enumerate(reqs):
@@ -99,7 +101,7 @@ def build_rows(
             reph = [rng.choice(reph)]
         for p in prompts + reph:
             rows.gen.append((p, r.target))
-            rows.gen_group.append(i)
+            rows.gen_group.append(i // joint)
             rows.gen_is_prompt.append(p == r.prompt and p not in reph)
         own = list(r.locality)
         if not own and rng is None:
@@ -114,7 +116,7 @@ def build_rows(
             extra = [p for p in extra if p.prompt != r.prompt]
         for j, probe in enumerate(own + extra):
             rows.loc.append((probe.prompt, probe.answer))
-            rows.loc_group.append(i)
+            rows.loc_group.append(i // joint)
             rows.loc_own.append(j < len(own))
     return rows
 
@@ -163,9 +165,9 @@ def key_batches(me: MendEditor, data: list[EditRequest], cfg: TrainConfig) -> li
     return batches
 
 
-def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows):
+def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows, joint: int = 1):
     """Straightforward path: full forward passes for the edit, the edited rows and the base rows."""
-    factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), joint=False)
+    factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=joint)
     both = me.batch(rows.gen + rows.loc, rows.gen_group + rows.loc_group)
     with me.applied(factors, both.group):
         edited = scored_logits(me.model, both)  # (P_gen + P_loc, V)
@@ -177,7 +179,9 @@ def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows):
     return edited, base, rows_of, both.labels[both.pos_mask]
 
 
-def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], rows: StepRows):
+def _forward_fast(
+    me: MendEditor, stack: UpperStack, reqs: list[EditRequest], rows: StepRows, joint: int = 1
+):
     """Same results as `_forward_reference`, running the lower blocks once, without gradients.
 
     The edit, paraphrase and locality rows are three tightly padded batches. A no-grad pass
@@ -195,7 +199,7 @@ def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], ro
         lambda lg: edit_loss(lg, edit_b),
         run=lambda: stack.logits(edit_p),
     )
-    factors = me.factors(edit_b, joint=False, captured=captured)
+    factors = me.factors(edit_b, rows_per_edit=joint, captured=captured)
     hidden, rows_of, labels, base_hidden = [], [], [], None
     for pairs, groups, is_loc in ((rows.gen, rows.gen_group, False), (rows.loc, rows.loc_group, True)):  # fmt: skip
         if not pairs:
@@ -215,20 +219,27 @@ def _forward_fast(me: MendEditor, stack: UpperStack, reqs: list[EditRequest], ro
 
 
 def edit_step(
-    me: MendEditor, reqs: list[EditRequest], rows: StepRows, cfg: TrainConfig, stack=None
+    me: MendEditor,
+    reqs: list[EditRequest],
+    rows: StepRows,
+    cfg: TrainConfig,
+    stack=None,
+    joint: int = 1,
 ):
-    """Losses (and accuracies) of editing each of reqs independently.
+    """Losses (and accuracies) of editing each of reqs independently, or `joint` at a time.
 
     Args:
+        rows: from `build_rows` with the same `joint`.
         stack: an UpperStack for the fast path; None runs the reference path.
+        joint: edits per batched edit (1: every edit alone).
 
     Returns:
         (loss with graph into the editor, dict of float statistics).
     """
     if stack is None:
-        logits, base, rows_of, labels = _forward_reference(me, reqs, rows)
+        logits, base, rows_of, labels = _forward_reference(me, reqs, rows, joint)
     else:
-        logits, base, rows_of, labels = _forward_fast(me, stack, reqs, rows)
+        logits, base, rows_of, labels = _forward_fast(me, stack, reqs, rows, joint)
     n_gen = len(rows.gen)
     gen_pos = rows_of < n_gen
     l_edit = masked_nll(logits[gen_pos], labels[gen_pos], rows_of[gen_pos], n_gen)
@@ -369,6 +380,9 @@ def train(
     base_lrs = [cfg.lr, cfg.alpha_lr]
     val_data = val_data[: cfg.val_edits]
     similar = similar_index(train_data)
+    n_edits = min(cfg.batch_size, len(train_data)) // cfg.joint_edits * cfg.joint_edits
+    if not n_edits:
+        raise MendError(f"fewer training edits ({len(train_data)}) than joint_edits")
 
     def checkpoint(folder: Path, extra: dict | None = None) -> None:
         save_editor(folder, editor, identity, extra)
@@ -393,10 +407,9 @@ def train(
         opt.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            reqs = rng.sample(train_data, min(cfg.batch_size, len(train_data)))
-            loss, stats = edit_step(
-                me, reqs, build_rows(reqs, train_data, cfg, rng, similar), cfg, stack
-            )
+            reqs = rng.sample(train_data, n_edits)
+            rows = build_rows(reqs, train_data, cfg, rng, similar, cfg.joint_edits)
+            loss, stats = edit_step(me, reqs, rows, cfg, stack, cfg.joint_edits)
             (loss / cfg.grad_accum).backward()
             for k, v in stats.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
