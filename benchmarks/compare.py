@@ -55,14 +55,16 @@ def tune_grad_lr(model, tok, edits) -> float:
     return best_lr
 
 
-def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits, editor_for=None):
+def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits, editor_for=None, out=None,
+               save=None):  # fmt: skip
     """Run 1: every method on every data set, one edit at a time, plus perplexity drawdown.
 
     Args:
         editor_for: {data set: MendEditor} replacing methods["mend"] on that data set (an
             editor trained on that data set's training split).
+        out: the dict to fill ({data set: {method: report}}); save: called after each method.
     """
-    out = {}
+    out = {} if out is None else out
     base_ppl = perplexity(model, tok, ppl_text)
     for ds_name, edits in datasets.items():
         stride = max(1, len(edits) // n_ppl_edits)
@@ -82,6 +84,8 @@ def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits, editor_for=
             rep["wall_seconds"] = time.perf_counter() - t
             out.setdefault(ds_name, {})[name] = rep
             print(f"[single] {ds_name:<12} {name:<6} " + fmt_row(rep))
+            if save is not None:
+                save()
     return out
 
 
@@ -193,6 +197,7 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--ft-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--grad-lr", type=float, help="step size of `grad` (default: tuned here)")
     ap.add_argument("--zsre-editor", help="editor for the zsRE edits (default: --editor)")
     ap.add_argument("--runs", nargs="+", choices=("single", "batched", "sequential"),
                     default=["single", "batched", "sequential"])  # fmt: skip
@@ -212,8 +217,8 @@ def main(argv=None) -> None:
     max_len = context_length(model)
     cf = load_checked("counterfact-val", tok, max_len, limit=max(n, n_batch, n_seq))
     zsre = load_checked("zsre-eval", tok, max_len, limit=n)
-    grad_lr = None
-    if "grad" in args.methods and "single" in args.runs:
+    grad_lr = args.grad_lr
+    if grad_lr is None and "grad" in args.methods and "single" in args.runs:
         tune = load_checked("counterfact-train", tok, max_len)[-20:]
         grad_lr = tune_grad_lr(model, tok, tune[:10] if args.quick else tune)
         print(f"grad baseline step size: {grad_lr:g}")
@@ -227,19 +232,26 @@ def main(argv=None) -> None:
     text = read_text(resolve_data("wikitext-valid"))
     report = {"model": args.model, "editor": args.editor, "zsre_editor": args.zsre_editor,
               "quick": args.quick, "grad_lr": grad_lr, "command": "python " + " ".join(sys.argv)}  # fmt: skip
+    name = args.name + ("-quick" if args.quick else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        """Write what is done so far: a long run stopped part-way keeps its finished rows."""
+        write_json(RESULTS / f"{name}.json", report)
+        write_markdown(report, RESULTS / f"{name}.md")
+
     if "single" in args.runs:
         single = {m: methods[m] for m in args.methods}
         sets = {"counterfact": cf[:n], "zsre": zsre[:n]}
-        report["single"] = run_single(model, tok, single, {d: sets[d] for d in args.datasets},
-                                      text, 2 if args.quick else 10, editor_for)  # fmt: skip
+        report["single"] = {}
+        run_single(model, tok, single, {d: sets[d] for d in args.datasets}, text,
+                   2 if args.quick else 10, editor_for, out=report["single"], save=save)  # fmt: skip
     if "batched" in args.runs:
         report["batched"] = run_batched(model, tok, methods, cf[:n_batch], ks)
+        save()
     if "sequential" in args.runs:
         report["sequential"] = run_sequential(model, tok, methods, cf[:n_seq], every)
-    name = args.name + ("-quick" if args.quick else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{name}.json", report)
-    write_markdown(report, RESULTS / f"{name}.md")
+        save()
     plot(report, RESULTS / name)
     print(f"wrote {RESULTS / name}.json, .md and plots")
 
