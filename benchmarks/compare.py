@@ -128,8 +128,9 @@ def fmt_row(rep) -> str:
 
 
 def write_markdown(report, path: Path) -> None:
-    lines = [f"# Editing methods compared: {report['model']}", "",
-             f"Command: `{report['command']}`", ""]  # fmt: skip
+    commands = report.get("commands", [report["command"]])
+    lines = [f"# Editing methods compared: {report['model']}", "", "Commands:", "",
+             *(f"- `{c}`" for c in commands), ""]  # fmt: skip
     head = "| data | method | " + " | ".join(SHORT[k] for k in METRICS)
     head += " | ppl pre | ppl post | s/edit (median) |"
     for ds, methods in report.get("single", {}).items():
@@ -186,17 +187,42 @@ def plot(report, prefix: Path) -> None:
         plt.close(fig)
 
 
+def merge(paths: list[str], name: str) -> None:
+    """One report from several partial ones: their single-edit rows, batched and sequential runs."""
+    import json
+
+    report: dict = {"commands": [], "parts": list(paths)}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        report["commands"].append(part["command"])
+        for key in ("model", "editor", "zsre_editor", "grad_lr"):
+            report[key] = report.get(key) or part.get(key)
+        for ds, methods in part.get("single", {}).items():
+            report.setdefault("single", {}).setdefault(ds, {}).update(methods)
+        for run in ("batched", "sequential"):
+            if run in part:
+                report[run] = part[run]
+    report["command"] = " ; ".join(report["commands"])
+    write_json(RESULTS / f"{name}.json", report)
+    write_markdown(report, RESULTS / f"{name}.md")
+    plot(report, RESULTS / name)
+    print(f"wrote {RESULTS / name}.json, .md and plots")
+
+
 def main(argv=None) -> None:
     import sys
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--editor", required=True)
+    ap.add_argument("--editor", help="the trained MEND editor (required unless --merge)")
     ap.add_argument("--name", default="smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="a small version for smoke tests")
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--ft-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--merge", nargs="+", metavar="REPORT",
+                    help="combine the JSON reports of runs made in parts (e.g. in parallel "
+                    "processes) into docs/results/<name>.*, and exit")  # fmt: skip
     ap.add_argument("--grad-lr", type=float, help="step size of `grad` (default: tuned here)")
     ap.add_argument("--zsre-editor", help="editor for the zsRE edits (default: --editor)")
     ap.add_argument("--runs", nargs="+", choices=("single", "batched", "sequential"),
@@ -206,6 +232,11 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                     help="methods of the single-edit run (batched and sequential: mend and ft)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.name)
+        return
+    if not args.editor:
+        ap.error("--editor is required")
     if args.threads:
         torch.set_num_threads(args.threads)
     n = 10 if args.quick else args.limit
