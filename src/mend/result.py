@@ -52,7 +52,9 @@ class WeightPool:
     back). Allocating a fresh one costs more than filling it: for a 3.5 MB SmolLM2 MLP matrix
     the allocator maps new pages, about 1.3 ms, against 0.1 ms for the sum itself, and 9
     matrices with their deltas made a single edit about a quarter slower than it needs to be.
-    A reverted edit leaves its tensors here for the next one.
+    A reverted edit leaves its tensors here for the next one, so a tensor taken from an edited
+    weight (e.g. a `state_dict()` made while the edit was applied) is overwritten by a later
+    edit once that edit is reverted: clone what you keep.
     """
 
     def __init__(self):
