@@ -69,8 +69,9 @@ def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits, editor_for=
     for ds_name, edits in datasets.items():
         stride = max(1, len(edits) // n_ppl_edits)
         unedited = {}  # the unedited scores, shared by all methods
-        own = {"mend": (editor_for or {})[ds_name]} if ds_name in (editor_for or {}) else {}
-        for name, method in (methods | own).items():
+        own = (editor_for or {}).get(ds_name)
+        for name, method in methods.items():
+            method = own if (name == "mend" and own is not None) else method
             ppls = []
 
             def after(i, ppls=ppls, stride=stride):
@@ -187,6 +188,16 @@ def plot(report, prefix: Path) -> None:
         plt.close(fig)
 
 
+def write_report(report: dict, name: str, plots: bool = False) -> None:
+    """docs/results/<name>.json and .md (and the PNG plots)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{name}.json", report)
+    write_markdown(report, RESULTS / f"{name}.md")
+    if plots:
+        plot(report, RESULTS / name)
+        print(f"wrote {RESULTS / name}.json, .md and plots")
+
+
 def merge(paths: list[str], name: str) -> None:
     """One report from several partial ones: their single-edit rows, batched and sequential runs."""
     import json
@@ -203,10 +214,7 @@ def merge(paths: list[str], name: str) -> None:
             if run in part:
                 report[run] = part[run]
     report["command"] = " ; ".join(report["commands"])
-    write_json(RESULTS / f"{name}.json", report)
-    write_markdown(report, RESULTS / f"{name}.md")
-    plot(report, RESULTS / name)
-    print(f"wrote {RESULTS / name}.json, .md and plots")
+    write_report(report, name, plots=True)
 
 
 def main(argv=None) -> None:
@@ -264,12 +272,10 @@ def main(argv=None) -> None:
     report = {"model": args.model, "editor": args.editor, "zsre_editor": args.zsre_editor,
               "quick": args.quick, "grad_lr": grad_lr, "command": "python " + " ".join(sys.argv)}  # fmt: skip
     name = args.name + ("-quick" if args.quick else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         """Write what is done so far: a long run stopped part-way keeps its finished rows."""
-        write_json(RESULTS / f"{name}.json", report)
-        write_markdown(report, RESULTS / f"{name}.md")
+        write_report(report, name)
 
     if "single" in args.runs:
         single = {m: methods[m] for m in args.methods}
@@ -283,8 +289,7 @@ def main(argv=None) -> None:
     if "sequential" in args.runs:
         report["sequential"] = run_sequential(model, tok, methods, cf[:n_seq], every)
         save()
-    plot(report, RESULTS / name)
-    print(f"wrote {RESULTS / name}.json, .md and plots")
+    write_report(report, name, plots=True)
 
 
 if __name__ == "__main__":
