@@ -327,3 +327,11 @@ def test_edit_non_finite_editor(env, trained, tmp_path, capsys):
             "--target", TARGET, "--save-model", str(out)]  # fmt: skip
     _fails(capsys, argv, "not finite")
     assert not out.exists()
+
+
+def test_edit_bad_boost_scale_and_unboosted_edit(env, trained, tmp_path, capsys):
+    out = tmp_path / "e"
+    _fails(capsys, _edit_argv(env, trained, out) + ["--boost", "1.5", "-1"], "boost scales")
+    assert not out.exists()
+    assert main(_edit_argv(env, trained, out) + ["--boost"]) == 0  # no scales: MEND unchecked
+    assert (out / "d.safetensors").exists()

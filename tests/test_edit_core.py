@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fact_requests
+from conftest import fact_requests, tiny_model
 
 from mend.config import EditorConfig
 from mend.edit import MendEditor
 from mend.editor import Editor
+from mend.errors import MendError
 from mend.grads import capture, key_moments
 from mend.losses import edit_loss
 from mend.models import find_editable
 from mend.models.forward import scored_logits
 
 
-def _editor_for(model, tokenizer, **kw) -> MendEditor:
+def _editor_for(model, tokenizer, boost=(), **kw) -> MendEditor:
+    """An identity-initialised editor; `boost` off by default, so edits are MEND's change as is."""
     params = find_editable(model)
     editor = Editor({p.name: p.in_out for p in params}, EditorConfig(rank=16, **kw))
-    return MendEditor(model, tokenizer, editor)
+    return MendEditor(model, tokenizer, editor, boost=boost)
 
 
 def test_captured_factors_reproduce_autograd_weight_gradient(family_model, tokenizer):
@@ -205,3 +207,61 @@ def test_key_preconditioner_is_the_ridge_inverse_and_interferes_less(tokenizer):
             v_plain, v_pre = k, pre.editor.preconditioner(p.name).double() @ k
             inter = [((x @ v) ** 2).mean() / (k @ v) ** 2 for v in (v_plain, v_pre)]
             assert inter[1] < inter[0], (p.name, inter)
+
+
+def test_the_edit_check_on_the_upper_blocks_matches_a_full_forward(family_model, tokenizer):
+    """`edit()` captures gradients and checks its targets rerunning only the edited blocks."""
+    model = family_model
+    me = _editor_for(model, tokenizer, init_alpha=0.05)
+    batch = me.batch([(r.prompt, r.target) for r in fact_requests(3)])
+    with torch.no_grad():
+        captured, prepared = me._capture(batch)
+        plain, _ = capture(model, me.params, batch, lambda lg: edit_loss(lg, batch))
+        for name, (u, delta) in plain.items():
+            torch.testing.assert_close(captured[name][0], u)
+            torch.testing.assert_close(captured[name][1], delta, rtol=1e-5, atol=1e-8)
+        factors = me.factors(batch, rows_per_edit=None, captured=captured)
+        unedited = scored_logits(model, batch)
+        with me.applied(factors):
+            full = scored_logits(model, batch)
+            upper = me._stack.logits(prepared)
+    assert (full - unedited).abs().max() > 1e-3
+    torch.testing.assert_close(upper, full, rtol=1e-4, atol=1e-5)
+
+
+def _delta_of(me: MendEditor, reqs) -> dict[str, torch.Tensor]:
+    before = {p.name: p.weight.detach().clone() for p in me.params}
+    result = me.edit(reqs)
+    delta = {p.name: p.weight.detach() - before[p.name] for p in me.params}
+    result.revert()
+    return delta
+
+
+def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_target(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    req = fact_requests(3)[1:2]
+    plain = _editor_for(model, tokenizer, init_alpha=1e-3)
+    batch = plain.batch([(req[0].prompt, req[0].target)])
+    with torch.no_grad():
+        factors = plain.factors(batch, rows_per_edit=None)
+        reach = [
+            bool(plain.reaches_target({n: (u * s, d) for n, (u, d) in factors.items()}, batch))
+            for s in (1, 2, 4)
+        ]
+    assert reach == [False, False, True]  # MEND's own change misses; 4x reaches the target
+    boosted = MendEditor(model, tokenizer, plain.editor, boost=(2, 4, 8))
+    base, more = _delta_of(plain, req), _delta_of(boosted, req)
+    for name in base:
+        assert base[name].abs().max() > 0
+        # (deltas read back from fp32 weights: rounding at the weights' scale)
+        atol = 1e-4 * base[name].abs().max().item()
+        torch.testing.assert_close(more[name], 4 * base[name], rtol=1e-4, atol=atol)
+    # A request that its plain change already reaches is left exactly as MEND made it.
+    plain = _editor_for(model, tokenizer, init_alpha=1e-2)
+    boosted = MendEditor(model, tokenizer, plain.editor, boost=(2, 4, 8))
+    with torch.no_grad():
+        assert bool(plain.reaches_target(plain.factors(batch, rows_per_edit=None), batch))
+    base, more = _delta_of(plain, req), _delta_of(boosted, req)
+    assert all(torch.equal(more[n], base[n]) for n in base)
+    with pytest.raises(MendError, match="boost"):
+        MendEditor(model, tokenizer, plain.editor, boost=(2, 0))

@@ -166,3 +166,20 @@ def test_key_statistics_mix_training_texts_and_general_text(tmp_path, tokenizer,
     missing = key_batches(me, data, _cfg(key_text=str(tmp_path / "absent.txt")))
     assert tokens(missing) == tokens(only)
     assert "training texts only" in caplog.text
+
+
+def test_gap_hinge_counts_only_lost_lead_up_to_tau():
+    from mend.losses import gap_hinge, kl_base_edited
+
+    base = torch.tensor([[2.0, 1.9, 0.0], [5.0, 0.0, 0.0], [0.0, 3.0, 1.0]])
+    # near-tie swapped (gap 0.1 -> -0.1); a big lead cut to 0.5 (need min(5, 1) = 1);
+    # a lead that grew (no loss)
+    edited = torch.tensor([[1.9, 2.0, 0.0], [3.0, 2.5, 0.0], [0.0, 4.0, 1.0]])
+    assert gap_hinge(base, edited, tau=1.0).item() == pytest.approx((0.2 + 0.5 + 0.0) / 3)
+    assert gap_hinge(base, base).item() == 0.0
+    # the flip of the near-tie costs KL almost nothing next to the hinge
+    assert kl_base_edited(base[:1], edited[:1]).item() < 0.01
+    edited.requires_grad_(True)
+    gap_hinge(base, edited).backward()
+    # pushes the unedited top up and the runner-up down, nothing where the lead grew
+    assert edited.grad[0, 0] < 0 < edited.grad[0, 1] and edited.grad[2].abs().sum() == 0

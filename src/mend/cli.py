@@ -18,6 +18,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def _boost_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--boost", type=float, nargs="*", default=[1.5, 2.0], metavar="S",
+        help="scales tried in turn on an edit whose target is not yet the model's answer to "
+        "its prompt (default: 1.5 2; none given: apply MEND's change unchecked)",
+    )  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mend", description="Train MEND editors and edit models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -37,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-edits", type=int, default=256)
     t.add_argument("--c-loc", type=float, default=1.0)
     t.add_argument("--c-edit", type=float, default=0.1)
+    t.add_argument(
+        "--c-gap", type=float, default=0.0,
+        help="weight of a hinge keeping unedited predictions the argmax on locality inputs",
+    )  # fmt: skip
     t.add_argument("--loc-per-edit", type=int, default=4, help="extra locality inputs per edit")
     t.add_argument("--cosine", action="store_true", help="cosine-decay lr to 10%% at --max-steps")
     t.add_argument(
@@ -80,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("--method", default="mend", choices=["mend", "ft", "ft-kl", "grad", "none"])
     e.add_argument("--editor", help="editor checkpoint folder (--method mend)")
+    _boost_flag(e)
     e.add_argument("--ft-lr", type=float, default=5e-4, help="ft / ft-kl learning rate")
     e.add_argument("--ft-steps", type=int, default=40, help="ft / ft-kl step limit per edit")
     e.add_argument("--grad-lr", type=float, default=1e-3, help="grad: step size")
@@ -92,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("edit", help="edit one fact and show the answer before and after")
     _common(d)
     d.add_argument("--editor", required=True)
+    _boost_flag(d)
     d.add_argument("--prompt", required=True)
     d.add_argument("--target", required=True)
     d.add_argument("--max-new-tokens", type=int, default=8)
@@ -135,7 +149,7 @@ def cmd_train(args) -> int:
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
         joint_edits=args.joint_edits,
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
-        val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, seed=args.seed,
+        val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, c_gap=args.c_gap, seed=args.seed,
         loc_per_edit=args.loc_per_edit, cosine=args.cosine, reference=args.reference,
         row_cache_mb=args.row_cache_mb, select=args.select,
         lower_precision=args.lower_precision, key_text=args.key_text or None,
@@ -160,7 +174,7 @@ def _mend_editor(args, model, tok):
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
 
-    return MendEditor(model, tok, load_editor(args.editor, model))
+    return MendEditor(model, tok, load_editor(args.editor, model), boost=args.boost)
 
 
 def _method(args, model, tok):

@@ -80,6 +80,9 @@ class TrainConfig:
     alpha_lr: float = 1e-2  # on log(alpha): a relative step, see editor/net.py
     c_edit: float = 0.1
     c_loc: float = 1.0
+    # weight of losses.gap_hinge on the locality rows: keeps unedited predictions the argmax
+    # where KL barely sees the change (near-ties); 0 is plain MEND
+    c_gap: float = 0.0
     batch_size: int = 4  # independent single edits per step, run side by side
     # edits per batched edit in training (1: single edits); divides batch_size. Validation
     # always scores single edits.
@@ -127,8 +130,8 @@ class TrainConfig:
             )
         if self.row_cache_mb < 0:
             raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
-        if self.c_edit < 0 or self.c_loc < 0:
-            raise MendError("c_edit and c_loc must be >= 0")
+        if self.c_edit < 0 or self.c_loc < 0 or self.c_gap < 0:
+            raise MendError("c_edit, c_loc and c_gap must be >= 0")
         if self.minutes is not None and not self.minutes > 0:
             raise MendError(f"minutes must be > 0, got {self.minutes}")
 

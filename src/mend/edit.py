@@ -6,6 +6,9 @@ so the edited layer's output is y - alpha * (x @ u~^T) @ delta~. That form serve
 `applied()` adds it with forward hooks (functional: weights untouched, gradients reach the
 editor; rows of one batch may even carry different edits), and `edit()` materialises Delta W
 and changes the weights in place, returning a revertible EditResult.
+
+`edit()` also checks its work: a request whose target is not yet the argmax after its prompt
+has its change scaled up (by `boost`, e.g. 1.5 then 2), which reruns only the edited blocks.
 """
 
 from __future__ import annotations
@@ -21,13 +24,19 @@ from mend.editor.net import Editor
 from mend.errors import MendError
 from mend.grads import capture
 from mend.losses import edit_loss
+from mend.metrics import all_correct
+from mend.models.forward import scored_logits
 from mend.models.params import find_editable
+from mend.models.upper import Prepared, UpperStack
 from mend.result import EditResult, WeightPool
 from mend.types import EditRequest
 
 # {weight name: (u~ (G, T, in), delta~ (G, T, out))}: G edit groups of T token slots each;
 # unused slots are zero and contribute nothing.
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+# Scales tried, in turn, on a request whose edit has not made its target the argmax.
+DEFAULT_BOOST = (1.5, 2.0)
 
 
 class MendEditor:
@@ -37,10 +46,16 @@ class MendEditor:
         model: a causal LM whose edited weights match the editor's names and shapes.
         tokenizer: its tokenizer.
         editor: the editor networks.
+        boost: scales tried in turn by `edit()` on each request whose target is not yet the
+            argmax (every token, after its prompt) under the edit; () applies MEND's change
+            as it comes, unchecked.
     """
 
-    def __init__(self, model, tokenizer, editor: Editor):
+    def __init__(self, model, tokenizer, editor: Editor, boost=DEFAULT_BOOST):
         self.model, self.tokenizer, self.editor = model, tokenizer, editor
+        self.boost = tuple(float(s) for s in boost)
+        if any(not s > 0 for s in self.boost):
+            raise MendError(f"boost scales must be > 0, got {self.boost}")
         self.params = find_editable(model, editor.names)
         for p in self.params:
             if p.in_out != editor.shapes[p.name]:
@@ -50,6 +65,8 @@ class MendEditor:
                 )
         self.max_len = context_length(model)
         self._spares = WeightPool()
+        start = UpperStack.first_edited_block(model, editor.names)
+        self._stack = UpperStack(model, start) if start is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -155,6 +172,50 @@ class MendEditor:
                 return name
         return None
 
+    def _capture(self, batch: TokenBatch) -> tuple[dict, Prepared | None]:
+        """(u, delta) of the edit loss on batch, and its upper blocks' inputs for later checks."""
+        loss = lambda lg: edit_loss(lg, batch)  # noqa: E731
+        if self._stack is None:
+            return capture(self.model, self.params, batch, loss)[0], None
+        seen = []
+
+        def run():
+            prepared, final = self._stack.record(batch)
+            seen.append(prepared)
+            return self._stack.project(final[batch.pos_mask])
+
+        return capture(self.model, self.params, batch, loss, run=run)[0], seen[0]
+
+    def reaches_target(self, factors: Factors, batch: TokenBatch, prepared=None) -> torch.Tensor:
+        """(R,) bool: under the edit, every target token of each row is the argmax.
+
+        Args:
+            prepared: from `_capture`; reruns only the edited blocks instead of the model.
+        """
+        with self.applied(factors):
+            if prepared is None:
+                logits = scored_logits(self.model, batch)
+            else:
+                logits = self._stack.logits(prepared)
+        return all_correct(logits, batch.labels[batch.pos_mask], batch.pos_row, len(batch))
+
+    def _boosted(self, factors: Factors, batch: TokenBatch, prepared) -> Factors:
+        """Scale up each request's share of a batched edit until its target is the argmax.
+
+        Every request that misses its target is scaled by the next of `self.boost`; one that
+        never reaches it keeps the last scale. A request's share is its token slots of u~.
+        """
+        scale = torch.ones(len(batch), device=batch.input_ids.device)
+        current = factors
+        for s in self.boost:
+            ok = self.reaches_target(current, batch, prepared)
+            if bool(ok.all()):
+                break
+            scale[~ok] = s
+            per_slot = scale.repeat_interleave(batch.input_ids.shape[1])[:, None]  # (R S, 1)
+            current = {n: (u * per_slot, d) for n, (u, d) in factors.items()}
+        return current
+
     def edit(self, requests: list[EditRequest] | EditRequest) -> EditResult:
         """Apply one edit for all requests together (a batched edit), in place.
 
@@ -172,7 +233,10 @@ class MendEditor:
         self.editor.eval()
         try:
             with torch.no_grad():
-                factors = self.factors(batch, rows_per_edit=None)
+                captured, prepared = self._capture(batch)
+                factors = self.factors(batch, rows_per_edit=None, captured=captured)
+                if self.boost:
+                    factors = self._boosted(factors, batch, prepared)
                 bad = self._non_finite(factors)
                 if bad is not None:
                     raise MendError(f"the edit is not finite at {bad} (weights left unchanged)")

@@ -43,6 +43,26 @@ def kl_base_edited(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> to
     return (base_logp.exp() * (base_logp - edited_logp)).sum(-1).mean()
 
 
+def top_gap(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """(P,) logit of class `top` minus the largest other logit: negative once `top` lost the argmax."""
+    chosen = logits.gather(-1, top[:, None])[:, 0]
+    others = logits.scatter(-1, top[:, None], float("-inf"))
+    return chosen - others.amax(-1)
+
+
+def gap_hinge(base_logits: torch.Tensor, edited_logits: torch.Tensor, tau: float = 1.0):
+    """Mean hinge on the unedited argmax keeping its lead: relu(min(g_base, tau) - g_edited).
+
+    g is the logit gap between the unedited model's top token and the runner-up. The KL
+    hardly notices an edit that moves a near-tie (g_base ~ 0.1) across, yet that flips the
+    prediction; this loss is zero while the edited gap stays at least min(g_base, tau) and
+    pushes back only at positions about to flip.
+    """
+    top = base_logits.argmax(-1)
+    need = top_gap(base_logits, top).clamp(max=tau)
+    return torch.relu(need - top_gap(edited_logits, top)).mean()
+
+
 def edit_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """The loss whose gradient MEND transforms: each row's mean target NLL, summed over rows.
 

@@ -34,7 +34,7 @@ from mend.edit import MendEditor
 from mend.editor.net import Editor
 from mend.errors import MendError
 from mend.grads import capture, key_moments
-from mend.losses import edit_loss, kl_base_edited, masked_nll
+from mend.losses import edit_loss, gap_hinge, kl_base_edited, masked_nll
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable
@@ -250,7 +250,7 @@ def edit_step(
         stats["rewrite_acc"] = gen_ok[is_prompt].float().mean().item()
     if (~is_prompt).any():
         stats["rephrase_acc"] = gen_ok[~is_prompt].float().mean().item()
-    l_loc = logits.sum() * 0
+    l_loc = l_gap = logits.sum() * 0
     if base is not None:
         edited = logits[~gen_pos]
         l_loc = kl_base_edited(base, edited)
@@ -260,7 +260,10 @@ def edit_step(
         if own.any():
             stats["locality_acc"] = same[own].float().mean().item()
         stats["l_loc"] = l_loc.item()
-    loss = cfg.c_edit * l_edit + cfg.c_loc * l_loc
+        if cfg.c_gap:
+            l_gap = gap_hinge(base, edited)
+            stats["l_gap"] = l_gap.item()
+    loss = cfg.c_edit * l_edit + cfg.c_loc * l_loc + cfg.c_gap * l_gap
     stats["loss"] = loss.item()
     return loss, stats
 

@@ -176,6 +176,17 @@ class UpperStack:
             out[r, : lengths[r]] = h
         return out
 
+    def record(self, batch) -> tuple[Prepared, torch.Tensor]:
+        """A plain forward of batch (with gradients where the caller's mode allows) that also
+        records what `logits` needs to rerun the upper blocks on it later.
+
+        Returns:
+            (Prepared, final normed hidden states (R, S, hidden)).
+        """
+        prepared, final = self._run(batch)
+        prepared.hidden = prepared.hidden.detach()
+        return prepared, final
+
     def _run(self, batch, first: torch.Tensor | None = None):
         """The model's forward, recording each upper block's call.
 
