@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import fact_requests, tiny_model
@@ -227,6 +229,21 @@ def test_the_edit_check_on_the_upper_blocks_matches_a_full_forward(family_model,
             upper = me._stack.logits(prepared)
     assert (full - unedited).abs().max() > 1e-3
     torch.testing.assert_close(upper, full, rtol=1e-4, atol=1e-5)
+    # the check (upper blocks, bf16 head with exact near-ties) decides as a full fp32 forward;
+    # row 0's target becomes the unedited prediction, so some answers are yes
+    labels = batch.labels.clone()
+    first = batch.pos_mask.clone()
+    first[1:] = False
+    labels[first] = unedited[batch.pos_row == 0].argmax(-1)
+    batch = dataclasses.replace(batch, labels=labels)
+    seen = []
+    for s in (0.0, 1.0, 4.0, 16.0, 64.0):
+        scaled = {n: (u * s, d) for n, (u, d) in factors.items()}
+        with torch.no_grad():
+            quick = me.reaches_target(scaled, batch, prepared)
+            assert torch.equal(quick, me.reaches_target(scaled, batch))
+        seen += quick.tolist()
+    assert True in seen and False in seen
 
 
 def _delta_of(me: MendEditor, reqs) -> dict[str, torch.Tensor]:
@@ -265,3 +282,36 @@ def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_targe
     assert all(torch.equal(more[n], base[n]) for n in base)
     with pytest.raises(MendError, match="boost"):
         MendEditor(model, tokenizer, plain.editor, boost=(2, 0))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_argmax_from_bf16_matches_the_exact_argmax_on_near_ties(bias):
+    from mend.models.head import HeadArgmax
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 5000, bias=bias)
+    hidden = 3 * torch.randn(6, 64)
+    with torch.no_grad():
+        for p in range(6):  # token 10 + p trails (even rows) or leads (odd rows) 100 by 1e-4
+            t, j = 100, 10 + p
+            step = (1e-4 if p % 2 else -1e-4) * hidden[p] / hidden[p].dot(hidden[p])
+            head.weight[j] = head.weight[t] + step.float()
+            if bias:
+                head.bias[j] = head.bias[t]
+            head.weight[t] += 50 * hidden[p] / hidden[p].dot(hidden[p])  # make 100 the top
+            head.weight[j] += 50 * hidden[p] / hidden[p].dot(hidden[p])
+    # the reference: float64 logits
+    exact = hidden.double() @ head.weight.double().T + (head.bias.double() if bias else 0)
+    top, second = exact.topk(2, -1).indices.T
+    fast = HeadArgmax(head)
+    assert fast.is_argmax(hidden, top).all()
+    assert not fast.is_argmax(hidden, second).any()
+    # bf16 logits alone cannot tell these apart: the exact fallback is what decides
+    z16 = (hidden.bfloat16() @ head.weight.bfloat16().T).float()
+    assert (z16.argmax(-1) != top).any() or (z16.topk(2).values.diff().abs() < 1e-3).any()
+    # weights changed in place are seen (the bf16 copy is rebuilt)
+    with torch.no_grad():
+        head.weight.mul_(-1)
+    flipped = hidden.double() @ head.weight.double().T + (head.bias.double() if bias else 0)
+    flipped = flipped.argmax(-1)
+    assert fast.is_argmax(hidden, flipped).all() and not fast.is_argmax(hidden, top).any()

@@ -19,13 +19,14 @@ from contextlib import contextmanager
 
 import torch
 
-from mend.data.collate import TokenBatch, context_length, make_batch
+from mend.data.collate import IGNORE, TokenBatch, context_length, make_batch
 from mend.editor.net import Editor
 from mend.errors import MendError
 from mend.grads import capture
 from mend.losses import edit_loss
-from mend.metrics import all_correct
+from mend.metrics import all_correct, rows_all
 from mend.models.forward import scored_logits
+from mend.models.head import HeadArgmax
 from mend.models.params import find_editable
 from mend.models.upper import Prepared, UpperStack
 from mend.result import EditResult, WeightPool
@@ -67,6 +68,9 @@ class MendEditor:
         self._spares = WeightPool()
         start = UpperStack.first_edited_block(model, editor.names)
         self._stack = UpperStack(model, start) if start is not None else None
+        head = model.get_output_embeddings()
+        edits_head = any(p.module is head for p in self.params)  # its output carries hooks then
+        self._argmax = None if edits_head else HeadArgmax(head)
 
     @property
     def device(self) -> torch.device:
@@ -192,12 +196,14 @@ class MendEditor:
         Args:
             prepared: from `_capture`; reruns only the edited blocks instead of the model.
         """
+        labels = batch.labels[batch.pos_mask]
         with self.applied(factors):
-            if prepared is None:
+            if prepared is None or self._argmax is None:
                 logits = scored_logits(self.model, batch)
-            else:
-                logits = self._stack.logits(prepared)
-        return all_correct(logits, batch.labels[batch.pos_mask], batch.pos_row, len(batch))
+                return all_correct(logits, labels, batch.pos_row, len(batch))
+            hidden = self._stack.scored_hidden(prepared)
+        ok = self._argmax.is_argmax(hidden, labels.clamp_min(0)) | (labels == IGNORE)
+        return rows_all(ok, batch.pos_row, len(batch))
 
     def _boosted(self, factors: Factors, batch: TokenBatch, prepared) -> Factors:
         """Scale up each request's share of a batched edit until its target is the argmax.

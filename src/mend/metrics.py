@@ -8,7 +8,7 @@ from mend.data.collate import IGNORE
 from mend.losses import row_mean, token_nll
 
 
-def _rows_all(flags: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+def rows_all(flags: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """True for rows where every flagged position (P,) is True."""
     bad = torch.zeros(n_rows, dtype=torch.long, device=flags.device)
     bad.index_add_(0, rows, (~flags).long())
@@ -18,12 +18,12 @@ def _rows_all(flags: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Ten
 def all_correct(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_rows: int):
     """(n_rows,) bool: every target token of the row is the argmax (teacher-forced)."""
     ok = (logits.argmax(-1) == labels) | (labels == IGNORE)
-    return _rows_all(ok, rows, n_rows)
+    return rows_all(ok, rows, n_rows)
 
 
 def argmax_unchanged(base_logits: torch.Tensor, edited_logits: torch.Tensor, rows, n_rows: int):
     """(n_rows,) bool: the edit left every scored prediction of the row unchanged."""
-    return _rows_all(base_logits.argmax(-1) == edited_logits.argmax(-1), rows, n_rows)
+    return rows_all(base_logits.argmax(-1) == edited_logits.argmax(-1), rows, n_rows)
 
 
 def mean_logprob(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_rows: int):

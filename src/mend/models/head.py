@@ -1,0 +1,77 @@
+"""Is a token the argmax of the vocabulary projection? Decided from a bf16 pass over the head.
+
+Checking an edit asks one question per target token: is it the model's top prediction? The
+answer needs every logit, and the vocabulary projection is the largest matrix of a small model
+(49,152 x 576 for SmolLM2-135M). Read in bf16 it costs a fraction of an fp32 pass on CPUs with
+bf16 units, and its error is bounded, so the bf16 logits settle every token that is not close
+to the target's; the few that are get exact fp32 dot products. The decision is the fp32
+argmax's (up to fp32 rounding of a dot product), at about the cost of the bf16 pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# |bf16 logit - fp32 logit| <= BOUND * ||w_j|| * ||h||: rounding w and h to bf16 (2^-9 each),
+# rounding the output (2^-9 of |z| <= ||w|| ||h||) and fp32 accumulation (~d * 2^-24): below
+# 2^-8 + 2^-9 + 2^-14 in all, so 2^-7 leaves room.
+BOUND = 2.0**-7
+MAX_CONTENDERS = 4096  # beyond this many close tokens a row is projected exactly in full
+
+
+class HeadArgmax:
+    """`is_argmax(hidden, labels)` for a model's output head.
+
+    Args:
+        head: the output embedding module. A bias-free or biased fp32 `nn.Linear` gets the
+            bf16 route; anything else (a bf16 head, a custom module) is simply projected.
+    """
+
+    def __init__(self, head: torch.nn.Module):
+        self.head = head
+        self.fast = isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
+        self._version = None
+
+    def _refresh(self) -> None:
+        """(Re)build the bf16 copy and row norms when the head's weights have changed."""
+        w = self.head.weight
+        if self._version != w._version:
+            self.w16 = w.detach().bfloat16()
+            self.norms = w.detach().norm(dim=1)
+            self._version = w._version
+
+    @torch.no_grad()
+    def is_argmax(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(P,) bool: labels[p] is the argmax (first index on ties) of head(hidden[p]).
+
+        Args:
+            hidden: (P, d) final normed hidden states.
+            labels: (P,) token ids.
+        """
+        if not self.fast:
+            return self.head(hidden).float().argmax(-1) == labels
+        self._refresh()
+        w, bias = self.head.weight, self.head.bias
+        hidden = hidden.float()
+        z = (hidden.bfloat16() @ self.w16.T).float()  # (P, V)
+        if bias is not None:
+            z += bias.float()
+        err = BOUND * hidden.norm(dim=-1, keepdim=True) * self.norms  # (P, V)
+        rows = torch.arange(len(labels), device=labels.device)
+        floor = z[rows, labels] - err[rows, labels]  # the target's exact logit is above this
+        contenders = z + err >= floor[:, None]  # tokens that might beat the target
+        contenders[rows, labels] = False
+        out = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+        for p in contenders.any(-1).nonzero()[:, 0].tolist():
+            idx = contenders[p].nonzero()[:, 0]
+            if len(idx) > MAX_CONTENDERS:
+                out[p] = self.head(hidden[p : p + 1]).float().argmax(-1)[0] == labels[p]
+                continue
+            cand = torch.cat([labels[p : p + 1], idx])
+            exact = w[cand].float() @ hidden[p]
+            if bias is not None:
+                exact += bias[cand].float()
+            target, others = exact[0], exact[1:]
+            beaten = (others > target) | ((others == target) & (idx < labels[p]))
+            out[p] = not bool(beaten.any())
+        return out
