@@ -40,6 +40,11 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 DEFAULT_BOOST = (1.5, 2.0)
 
 
+def _dense_is_cheaper(rows: int, rank: int, d_in: int, d_out: int) -> bool:
+    """Whether x (Delta W) beats (x u^T) d in flops, Delta W = u^T d formed once."""
+    return rows * rank * (d_in + d_out) > (rank + rows) * d_in * d_out
+
+
 class MendEditor:
     """Binds a trained Editor to a model and tokenizer.
 
@@ -129,9 +134,17 @@ class MendEditor:
             u, d = factors[name]
             alpha = self.editor.alpha(name)
 
+            dense = None
+
             def hook(module, inputs, output):
+                nonlocal dense
                 x = inputs[0].float()  # (R, S, in)
-                if row_group is None:
+                if row_group is None and _dense_is_cheaper(x[..., 0].numel(), u.shape[-2],
+                                                           u.shape[-1], d.shape[-1]):  # fmt: skip
+                    if dense is None:  # a large batched edit: form Delta W once
+                        dense = u[0].T @ d[0]  # (in, out)
+                    corr = x @ dense
+                elif row_group is None:
                     coef = x @ u[0].T  # (R, S, T)
                     corr = coef @ d[0]  # (R, S, out)
                 else:

@@ -59,10 +59,12 @@ class HeadArgmax:
         err = BOUND * hidden.norm(dim=-1, keepdim=True) * self.norms  # (P, V)
         rows = torch.arange(len(labels), device=labels.device)
         floor = z[rows, labels] - err[rows, labels]  # the target's exact logit is above this
+        ceil = z[rows, labels] + err[rows, labels]  # ... and below this
         contenders = z + err >= floor[:, None]  # tokens that might beat the target
         contenders[rows, labels] = False
-        out = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
-        for p in contenders.any(-1).nonzero()[:, 0].tolist():
+        lost = (z - err > ceil[:, None]).any(-1)  # a token surely beats the target
+        out = ~lost
+        for p in (contenders.any(-1) & ~lost).nonzero()[:, 0].tolist():
             idx = contenders[p].nonzero()[:, 0]
             if len(idx) > MAX_CONTENDERS:
                 out[p] = self.head(hidden[p : p + 1]).float().argmax(-1)[0] == labels[p]
