@@ -322,3 +322,20 @@ def test_head_argmax_from_bf16_matches_the_exact_argmax_on_near_ties(bias):
     flipped = hidden.double() @ head.weight.double().T + (head.bias.double() if bias else 0)
     flipped = flipped.argmax(-1)
     assert fast.is_argmax(hidden, flipped).all() and not fast.is_argmax(hidden, top).any()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_head_projection_equals_the_linear_layer_with_its_gradient(bias):
+    from mend.models.head import project
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 3000, bias=bias)
+    hidden = torch.randn(5, 64, requires_grad=True)
+    weights = torch.randn(5, 3000)
+    ours = project(head, hidden)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), hidden)
+    ref = head(hidden)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), hidden)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+    assert ours.dtype == torch.float32 and ours.shape == (5, 3000)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mend.models.head import project
+
 
 def scored_logits(model, batch) -> torch.Tensor:
     """Logits at batch.pos_mask only: (P, vocab), in fp32 (batch: a mend.data.TokenBatch).
@@ -15,7 +17,7 @@ def scored_logits(model, batch) -> torch.Tensor:
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     )
     hidden = out.last_hidden_state[batch.pos_mask]  # (P, hidden)
-    return model.get_output_embeddings()(hidden).float()
+    return project(model.get_output_embeddings(), hidden)
 
 
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mend.models.archs import arch_for
+from mend.models.head import project
 
 
 @dataclass
@@ -244,7 +245,7 @@ class UpperStack:
         For a small model it is a large share of a step, and it costs about the same for 4
         positions as for 40 (it reads the whole matrix): callers batch positions into one call.
         """
-        return self.head(hidden).float()
+        return project(self.head, hidden)
 
     def scored_hidden(self, prepared: Prepared) -> torch.Tensor:
         """Final normed hidden states (P, d) at the scored positions, running the upper blocks."""
