@@ -83,8 +83,8 @@ def project(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """head(hidden) as fp32 logits (P, V), for final normed hidden states (P, d).
 
     An fp32 `nn.Linear` head is computed as (W @ h^T)^T: for the few positions a step scores,
-    MKL runs that orientation faster than `linear`'s h @ W^T (about 20% at 4-16 positions on
-    this project's CPU; see docs/ARCHITECTURE.md). Same product, same autograd graph shape.
+    MKL runs that orientation faster than `linear`'s h @ W^T (see docs/ARCHITECTURE.md).
+    Same product; its gradient is the layer's.
     """
     w = getattr(head, "weight", None)
     if type(head) is torch.nn.Linear and w.dtype == hidden.dtype == torch.float32 and hidden.dim() == 2:  # fmt: skip

@@ -1,0 +1,98 @@
+"""Variants of the edit check, scored on the same editor and edits (an experiment, not a test).
+
+    python benchmarks/check_variants.py --editor runs/bench3 --limit 200
+
+Each variant is a JSON object: `boost` (the scales tried after the first, default [1.5, 2]),
+`start` (the scale every request starts at, default 1) and `margin` (the log-prob lead the
+target must have over every other token at each target position, default 0: the argmax).
+The unedited model's scores are computed once and shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from mend.checkpoint import load_editor
+from mend.data import load_checked
+from mend.data.collate import IGNORE, context_length
+from mend.edit import MendEditor
+from mend.evaluate import evaluate
+from mend.metrics import rows_all
+from mend.models import load_model
+from mend.result import write_json
+
+DEFAULT_VARIANTS = [
+    "{}",
+    '{"start": 0.75, "boost": [1, 1.5, 2]}',
+    '{"start": 0.5, "boost": [0.75, 1, 1.5, 2]}',
+    '{"margin": 1.0}',
+]
+
+
+class CheckVariant(MendEditor):
+    """MendEditor whose check may start below scale 1 or demand a log-prob margin."""
+
+    def __init__(self, *args, start: float = 1.0, margin: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start, self.margin = start, margin
+
+    def reaches_target(self, factors, batch, prepared=None) -> torch.Tensor:
+        if not self.margin or prepared is None:
+            return super().reaches_target(factors, batch, prepared)
+        labels = batch.labels[batch.pos_mask]
+        with self.applied(factors):
+            logp = self._stack.logits(prepared).log_softmax(-1)
+        target = labels.clamp_min(0)[:, None]
+        lead = logp.gather(1, target)[:, 0] - logp.scatter(1, target, -torch.inf).amax(-1)
+        ok = (lead >= self.margin) | (labels == IGNORE)
+        return rows_all(ok, batch.pos_row, len(batch))
+
+    def _boosted(self, factors, batch, prepared):
+        scale = torch.full((len(batch),), self.start, device=batch.input_ids.device)
+        slots = batch.input_ids.shape[1]
+
+        def scaled():
+            per_slot = scale.repeat_interleave(slots)[:, None]
+            return {n: (u * per_slot, d) for n, (u, d) in factors.items()}
+
+        current = scaled() if self.start != 1.0 else factors
+        for s in self.boost:
+            ok = self.reaches_target(current, batch, prepared)
+            if bool(ok.all()):
+                break
+            scale[~ok] = s
+            current = scaled()
+        return current
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--editor", required=True)
+    ap.add_argument("--data", default="counterfact-val")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="JSON")
+    ap.add_argument("--out", default=None, help="JSON report (default: EDITOR/check_variants.json)")
+    args = ap.parse_args(argv)
+    model, tok = load_model(args.model)
+    editor = load_editor(args.editor, model)
+    data = load_checked(args.data, tok, context_length(model), args.limit)
+    shared, out = {}, {}
+    for text in args.variants:
+        kw = json.loads(text)
+        boost = tuple(kw.pop("boost", (1.5, 2.0)))
+        method = CheckVariant(model, tok, editor, boost=boost, **kw)
+        r = evaluate(model, tok, method, data, unedited=shared, desc=text)
+        out[text] = r
+        print(f"{text:<45} rewrite {r['rewrite_acc']:.3f} rephrase {r['rephrase_acc']:.3f} "
+              f"locality {r['locality_acc']:.3f} | ES {r['efficacy_score']:.3f} "
+              f"PS {r['paraphrase_score']:.3f} NS {r['neighborhood_score']:.3f} | "
+              f"{r['edit_seconds_median'] * 1e3:.0f} ms", flush=True)  # fmt: skip
+    write_json(args.out or f"{args.editor}/check_variants.json", out)
+
+
+if __name__ == "__main__":
+    main()
