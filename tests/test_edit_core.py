@@ -289,6 +289,18 @@ def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_targe
         MendEditor(model, tokenizer, plain.editor, boost=(2, 0))
 
 
+def test_batched_edits_are_unchecked_unless_asked(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    reqs = fact_requests(3)[:2]
+    plain = _editor_for(model, tokenizer, init_alpha=1e-3)  # its changes miss their targets
+    base = _delta_of(plain, reqs)
+    default = _delta_of(MendEditor(model, tokenizer, plain.editor, boost=(2, 4)), reqs)
+    assert all(torch.equal(default[n], base[n]) for n in base)
+    checked = MendEditor(model, tokenizer, plain.editor, boost=(2, 4), check_batches=True)
+    scaled = _delta_of(checked, reqs)
+    assert all(scaled[n].abs().max() > 1.5 * base[n].abs().max() for n in base)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_head_argmax_from_bf16_matches_the_exact_argmax_on_near_ties(bias):
     from mend.models.head import HeadArgmax

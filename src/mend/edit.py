@@ -55,11 +55,18 @@ class MendEditor:
         boost: scales tried in turn by `edit()` on each request whose target is not yet the
             argmax (every token, after its prompt) under the edit; () applies MEND's change
             as it comes, unchecked.
+        check_batches: check batched edits (several requests in one change) too. Off by
+            default: scaling up the share of the requests that miss raised the interference
+            between them (5 CounterFact edits per batch: locality 0.78 unchecked, 0.39
+            checked, rewrite only 0.33 -> 0.39), so a batch gets MEND's change as it comes.
     """
 
-    def __init__(self, model, tokenizer, editor: Editor, boost=DEFAULT_BOOST):
+    def __init__(
+        self, model, tokenizer, editor: Editor, boost=DEFAULT_BOOST, check_batches: bool = False
+    ):
         self.model, self.tokenizer, self.editor = model, tokenizer, editor
         self.boost = tuple(float(s) for s in boost)
+        self.check_batches = check_batches
         if any(not s > 0 for s in self.boost):
             raise MendError(f"boost scales must be > 0, got {self.boost}")
         self.params = find_editable(model, editor.names)
@@ -254,7 +261,7 @@ class MendEditor:
             with torch.no_grad():
                 captured, prepared = self._capture(batch)
                 factors = self.factors(batch, rows_per_edit=None, captured=captured)
-                if self.boost:
+                if self.boost and (len(requests) == 1 or self.check_batches):
                     factors = self._boosted(factors, batch, prepared)
                 bad = self._non_finite(factors)
                 if bad is not None:
