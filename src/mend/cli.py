@@ -21,8 +21,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _boost_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--boost", type=float, nargs="*", default=[1.5, 2.0], metavar="S",
-        help="scales tried in turn on an edit whose target is not yet the model's answer to "
-        "its prompt (default: 1.5 2; none given: apply MEND's change unchecked)",
+        help="scales tried in turn on a single edit whose target is not yet the model's answer "
+        "to its prompt (default: 1.5 2; none given: apply MEND's change unchecked; batched "
+        "edits, --batch-size > 1, are applied unchecked)",
     )  # fmt: skip
 
 
