@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from compare import fmt_row  # benchmarks/compare.py
+
 from mend.checkpoint import load_editor
 from mend.data import load_checked
 from mend.data.collate import context_length
@@ -37,10 +39,7 @@ def main(argv=None) -> None:
             r = evaluate(
                 model, tok, method, data, batch_size=k, unedited=shared, desc=f"k={k} {name}"
             )
-            print(f"k={k:<3} {name:<13} rw {r['rewrite_acc']:.3f} rp {r['rephrase_acc']:.3f} "
-                  f"loc {r['locality_acc']:.3f} | ES {r['efficacy_score']:.3f} "
-                  f"PS {r['paraphrase_score']:.3f} NS {r['neighborhood_score']:.3f} | "
-                  f"{r['edit_seconds_median']:.2f} s/batch", flush=True)  # fmt: skip
+            print(f"k={k:<3} {name:<13} {fmt_row(r)} | {r['edit_seconds_median']:.2f} s/batch")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ import argparse
 import json
 
 import torch
+from compare import fmt_row  # benchmarks/compare.py
 
 from mend.checkpoint import load_editor
 from mend.data import load_checked
 from mend.data.collate import IGNORE, context_length
 from mend.edit import MendEditor
 from mend.evaluate import evaluate
+from mend.losses import top_gap
 from mend.metrics import rows_all
 from mend.models import load_model
 from mend.result import write_json
@@ -38,6 +40,8 @@ class CheckVariant(MendEditor):
     def __init__(self, *args, start: float = 1.0, margin: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.start, self.margin = start, margin
+        # The check scales the change it is given: relative to one pre-scaled by `start`.
+        self.boost = tuple(s / start for s in self.boost)
 
     def reaches_target(self, factors, batch, prepared=None) -> torch.Tensor:
         if not self.margin or prepared is None:
@@ -45,27 +49,13 @@ class CheckVariant(MendEditor):
         labels = batch.labels[batch.pos_mask]
         with self.applied(factors):
             logp = self._stack.logits(prepared).log_softmax(-1)
-        target = labels.clamp_min(0)[:, None]
-        lead = logp.gather(1, target)[:, 0] - logp.scatter(1, target, -torch.inf).amax(-1)
-        ok = (lead >= self.margin) | (labels == IGNORE)
+        ok = (top_gap(logp, labels.clamp_min(0)) >= self.margin) | (labels == IGNORE)
         return rows_all(ok, batch.pos_row, len(batch))
 
     def _boosted(self, factors, batch, prepared):
-        scale = torch.full((len(batch),), self.start, device=batch.input_ids.device)
-        slots = batch.input_ids.shape[1]
-
-        def scaled():
-            per_slot = scale.repeat_interleave(slots)[:, None]
-            return {n: (u * per_slot, d) for n, (u, d) in factors.items()}
-
-        current = scaled() if self.start != 1.0 else factors
-        for s in self.boost:
-            ok = self.reaches_target(current, batch, prepared)
-            if bool(ok.all()):
-                break
-            scale[~ok] = s
-            current = scaled()
-        return current
+        if self.start != 1.0:
+            factors = {n: (u * self.start, d) for n, (u, d) in factors.items()}
+        return super()._boosted(factors, batch, prepared)
 
 
 def main(argv=None) -> None:
@@ -87,10 +77,7 @@ def main(argv=None) -> None:
         method = CheckVariant(model, tok, editor, boost=boost, **kw)
         r = evaluate(model, tok, method, data, unedited=shared, desc=text)
         out[text] = r
-        print(f"{text:<45} rewrite {r['rewrite_acc']:.3f} rephrase {r['rephrase_acc']:.3f} "
-              f"locality {r['locality_acc']:.3f} | ES {r['efficacy_score']:.3f} "
-              f"PS {r['paraphrase_score']:.3f} NS {r['neighborhood_score']:.3f} | "
-              f"{r['edit_seconds_median'] * 1e3:.0f} ms", flush=True)  # fmt: skip
+        print(f"{text:<45} {fmt_row(r)} | {r['edit_seconds_median'] * 1e3:.0f} ms")
     write_json(args.out or f"{args.editor}/check_variants.json", out)
 
 

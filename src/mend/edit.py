@@ -140,23 +140,20 @@ class MendEditor:
         def make_hook(name: str):
             u, d = factors[name]
             alpha = self.editor.alpha(name)
-
             dense = None
 
             def hook(module, inputs, output):
                 nonlocal dense
                 x = inputs[0].float()  # (R, S, in)
-                if row_group is None and _dense_is_cheaper(x[..., 0].numel(), u.shape[-2],
-                                                           u.shape[-1], d.shape[-1]):  # fmt: skip
+                if row_group is not None:
+                    coef = x @ u[row_group].transpose(1, 2)  # (R, S, T)
+                    corr = coef @ d[row_group]  # (R, S, out)
+                elif _dense_is_cheaper(x[..., 0].numel(), *u.shape[-2:], d.shape[-1]):
                     if dense is None:  # a large batched edit: form Delta W once
                         dense = u[0].T @ d[0]  # (in, out)
                     corr = x @ dense
-                elif row_group is None:
-                    coef = x @ u[0].T  # (R, S, T)
-                    corr = coef @ d[0]  # (R, S, out)
                 else:
-                    coef = x @ u[row_group].transpose(1, 2)  # (R, S, T)
-                    corr = coef @ d[row_group]  # (R, S, out)
+                    corr = (x @ u[0].T) @ d[0]  # (R, S, T) @ (T, out)
                 return output - (alpha * corr).to(output.dtype)
 
             return hook
