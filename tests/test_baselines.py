@@ -86,3 +86,23 @@ def test_methods_can_share_the_unedited_scores(tokenizer):
     assert reused["pre"] == alone["pre"] == first["pre"]
     for k in ("rewrite_acc", "rephrase_acc", "locality_acc"):
         assert reused[k] == alone[k], k
+
+
+def test_ft_rerunning_only_the_edited_blocks_matches_full_forward_passes(tokenizer):
+    # Same optimisation either way: the lower blocks' output does not depend on the delta.
+    model = tiny_model("llama", len(tokenizer))
+    params = find_editable(model)
+    before = [p.weight.detach().clone() for p in params]
+    moved = {}
+    for fast in (True, False):
+        ed = FTEditor(model, tokenizer, lr=1e-2, max_steps=6, kl_weight=1.0,
+                      loc_prompts=_loc_prompts(), n_loc=4, fast=fast)  # fmt: skip
+        assert (ed._stack is not None) == fast
+        result = ed.edit(fact_requests(2))
+        moved[fast] = [p.weight.detach() - w for p, w in zip(params, before, strict=True)]
+        steps = ed.last_steps
+        result.revert()
+    assert steps == 6
+    for a, b in zip(moved[True], moved[False], strict=True):
+        assert a.abs().max() > 1e-3  # the edit did move the weights
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

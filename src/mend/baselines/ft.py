@@ -4,6 +4,10 @@ A zero-initialised delta on each edited weight is optimised on the edit's NLL un
 target token is the argmax, or a step limit. With `kl_weight > 0` the loss adds
 KL(p_base || p_edited) on locality inputs, which must be supplied (`loc_prompts`): they should
 be unrelated text, not the probes the edit is scored on.
+
+Only the edited blocks change, so by default each edit runs the lower blocks once, without
+gradients (`UpperStack`), and every optimisation step reruns just the edited blocks and the
+head: the same losses as full forward passes (`fast=False`), several times cheaper per step.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from mend.losses import kl_base_edited, masked_nll
 from mend.metrics import all_correct
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable
+from mend.models.upper import UpperStack
 from mend.result import EditResult
 from mend.types import EditRequest
 
@@ -33,10 +38,11 @@ class FTEditor:
         kl_weight: weight of the locality KL term (0 gives plain FT).
         loc_prompts: locality inputs for the KL term (used when kl_weight > 0).
         n_loc: how many locality inputs per edit.
+        fast: rerun only the edited blocks each step (False: the whole model).
     """
 
     def __init__(self, model, tokenizer, lr: float = 5e-4, max_steps: int = 40, kl_weight: float = 0.0,
-                 loc_prompts: list[str] = (), n_loc: int = 8, edit_modules=()):  # fmt: skip
+                 loc_prompts: list[str] = (), n_loc: int = 8, edit_modules=(), fast: bool = True):  # fmt: skip
         if kl_weight > 0 and not loc_prompts:
             raise MendError("ft-kl needs locality prompts")
         self.model, self.tokenizer = model, tokenizer
@@ -45,6 +51,8 @@ class FTEditor:
         self.params = find_editable(model, edit_modules)
         self.max_len = context_length(model)
         self._cursor = 0
+        start = UpperStack.first_edited_block(model, [p.name for p in self.params])
+        self._stack = UpperStack(model, start) if fast and start is not None else None
         self.last_steps = 0
 
     @contextmanager
@@ -74,6 +82,13 @@ class FTEditor:
         self._cursor += self.n_loc
         return make_batch(self.tokenizer, [(p, None) for p in picks], max_len=self.max_len)
 
+    def _logits_of(self, batch):
+        """A function giving batch's scored logits under the current hooks."""
+        if self._stack is None:
+            return lambda: scored_logits(self.model, batch)
+        prepared = self._stack.prepare(batch, base_logits=False)
+        return lambda: self._stack.logits(prepared)
+
     def edit(self, requests: list[EditRequest]) -> EditResult:
         start = time.perf_counter()
         device = self.params[0].weight.device
@@ -82,23 +97,23 @@ class FTEditor:
         labels, rows = batch.labels[batch.pos_mask], batch.pos_row
         deltas = {p.name: torch.zeros_like(p.weight, requires_grad=True) for p in self.params}
         opt = torch.optim.Adam(deltas.values(), lr=self.lr)
-        loc = base = None
+        edit_logits = self._logits_of(batch)
+        loc_logits = base = None
         if self.kl_weight > 0:
             loc = self._loc_batch().to(device)
+            loc_logits = self._logits_of(loc)
             with torch.no_grad():
-                base = scored_logits(self.model, loc)
+                base = loc_logits()
         self.last_steps = 0
         with torch.enable_grad():
             for step in range(self.max_steps):
                 with self._with(deltas):
-                    logits = scored_logits(self.model, batch)
+                    logits = edit_logits()
                     if all_correct(logits, labels, rows, len(batch)).all():
                         break
                     loss = masked_nll(logits, labels, rows, len(batch))
-                    if loc is not None:
-                        loss = loss + self.kl_weight * kl_base_edited(
-                            base, scored_logits(self.model, loc)
-                        )
+                    if loc_logits is not None:
+                        loss = loss + self.kl_weight * kl_base_edited(base, loc_logits())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
