@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mend.baselines import FTEditor, GradEditor, NoEdit
+from mend.baselines import FTEditor, GradEditor, NoEdit, kl_prompts
 from mend.checkpoint import load_editor
 from mend.data import load_checked, resolve_data
 from mend.data.collate import context_length
-from mend.data.text import read_text, wikitext_prompts
+from mend.data.text import read_text
 from mend.edit import MendEditor
 from mend.evaluate import METRICS, evaluate, perplexity, score, summarize
 from mend.models import load_model
@@ -33,7 +33,7 @@ METHODS = ("mend", "ft", "ft-kl", "grad", "none")
 
 
 def make_methods(model, tok, editor_dir, grad_lr, ft_steps, names=METHODS):
-    loc = wikitext_prompts(resolve_data("wikitext-valid"), 256)
+    loc = kl_prompts()
     makers = {
         "mend": lambda: MendEditor(model, tok, load_editor(editor_dir, model)),
         "ft": lambda: FTEditor(model, tok, max_steps=ft_steps),

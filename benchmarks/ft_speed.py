@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from mend.baselines import FTEditor
+from mend.baselines import FTEditor, kl_prompts
 from mend.data import load_checked
 from mend.data.collate import context_length
-from mend.data.sources import resolve_data
-from mend.data.text import wikitext_prompts
 from mend.models import load_model
 
 
@@ -26,7 +24,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
     data = load_checked("counterfact-val", tok, context_length(model), args.limit)
-    loc = wikitext_prompts(resolve_data("wikitext-valid"), 256)
+    loc = kl_prompts()
     for kl in (0.0, 1.0):
         eds = {
             f: FTEditor(model, tok, kl_weight=kl, loc_prompts=loc, fast=f) for f in (True, False)

@@ -180,7 +180,7 @@ def _mend_editor(args, model, tok):
 
 def _method(args, model, tok):
     """The editing method named by --method, on the same weights MEND edits."""
-    from mend.baselines import FTEditor, GradEditor, NoEdit
+    from mend.baselines import FTEditor, GradEditor, NoEdit, kl_prompts
 
     if args.method == "mend":
         return _mend_editor(args, model, tok)
@@ -188,12 +188,7 @@ def _method(args, model, tok):
         return NoEdit(model, tok)
     if args.method == "grad":
         return GradEditor(model, tok, lr=args.grad_lr)
-    loc = []
-    if args.method == "ft-kl":
-        from mend.data import resolve_data
-        from mend.data.text import wikitext_prompts
-
-        loc = wikitext_prompts(resolve_data(args.loc_data), 256)
+    loc = kl_prompts(args.loc_data) if args.method == "ft-kl" else []
     kl = 1.0 if args.method == "ft-kl" else 0.0
     return FTEditor(
         model, tok, lr=args.ft_lr, max_steps=args.ft_steps, kl_weight=kl, loc_prompts=loc

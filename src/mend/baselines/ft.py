@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 
 from mend.data.collate import context_length, make_batch
+from mend.data.sources import resolve_data
+from mend.data.text import wikitext_prompts
 from mend.errors import MendError
 from mend.losses import kl_base_edited, masked_nll
 from mend.metrics import all_correct
@@ -27,6 +29,11 @@ from mend.models.params import find_editable
 from mend.models.upper import UpperStack
 from mend.result import EditResult
 from mend.types import EditRequest
+
+
+def kl_prompts(source: str = "wikitext-valid", n: int = 256) -> list[str]:
+    """FT+KL's locality inputs: the openings of n sentences of general text (a name or path)."""
+    return wikitext_prompts(resolve_data(source), n)
 
 
 class FTEditor:
