@@ -139,8 +139,9 @@ def write_markdown(report, path: Path) -> None:
                   "|" + "---|" * (len(METRICS) + 5)]  # fmt: skip
         for name, r in methods.items():
             cells = [f"{r[k]:.3f}" if r.get(k) is not None else "-" for k in METRICS]
-            lines.append(f"| {ds} | {name} | " + " | ".join(cells)
-                         + f" | {r['ppl_pre']:.2f} | {r['ppl_post']:.2f} | {r['edit_seconds_median']:.4f} |")  # fmt: skip
+            ppl = [f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in ("ppl_pre", "ppl_post")]
+            lines.append(f"| {ds} | {name} | " + " | ".join(cells + ppl)
+                         + f" | {r['edit_seconds_median']:.4f} |")  # fmt: skip
         lines.append("")
     if "batched" in report:
         lines += ["## Simultaneous edits (one batch of k edits)", "", "| method | k | "
@@ -199,11 +200,26 @@ def write_report(report: dict, name: str, plots: bool = False) -> None:
 
 
 def merge(paths: list[str], name: str) -> None:
-    """One report from several partial ones: their single-edit rows, batched and sequential runs."""
+    """One report from several partial ones: their single-edit rows, batched and sequential runs.
+
+    A part written `DATASET:METHOD=REPORT` is one single-edit row taken from a `mend eval`
+    report (no perplexity); every other part is a report of this script.
+    """
     import json
 
     report: dict = {"commands": [], "parts": list(paths)}
     for path in paths:
+        if "=" in path:
+            where, path = path.split("=", 1)
+            ds, method = where.split(":", 1)
+            row = json.loads(Path(path).read_text())
+            report.setdefault("single", {}).setdefault(ds, {})[method] = row
+            editor = f" --editor {row['editor']}" if row.get("editor") else ""
+            report["commands"].append(
+                f"mend eval --model {row['model']} --method {row['method']}{editor} "
+                f"--data {row['data']} --limit {row['n_edits']} (report: {path})"
+            )
+            continue
         part = json.loads(Path(path).read_text())
         report["commands"].append(part["command"])
         for key in ("model", "editor", "zsre_editor", "grad_lr"):
@@ -243,8 +259,9 @@ def main(argv=None) -> None:
     if args.merge:
         merge(args.merge, args.name)
         return
-    if not args.editor:
-        ap.error("--editor is required")
+    needs_editor = "mend" in args.methods or {"batched", "sequential"} & set(args.runs)
+    if needs_editor and not args.editor:
+        ap.error("--editor is required (unless only --runs single without mend)")
     if args.threads:
         torch.set_num_threads(args.threads)
     n = 10 if args.quick else args.limit

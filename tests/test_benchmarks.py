@@ -23,3 +23,36 @@ def test_gpu_scale_tiny_runs_on_cpu_and_reports_every_model(tmp_path):
     assert [r["model"] for r in rows] == ["gpt2-tiny", "llama-tiny"]
     for r in rows:
         assert r["train_step_s"] > 0 and r["edit_s"] > 0 and r["editor_params_m"] > 0
+
+
+def test_compare_merges_its_parts_and_mend_eval_rows_into_one_table(tmp_path, monkeypatch):
+    compare = _load("compare")
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+    row = {"n_edits": 3, "rewrite_acc": 1.0, "rephrase_acc": 0.5, "locality_acc": 0.75,
+           "efficacy_score": 1.0, "paraphrase_score": 0.5, "neighborhood_score": None,
+           "edit_seconds_median": 0.25}  # fmt: skip
+    part = {"command": "python compare.py --methods grad", "model": "m",
+            "single": {"zsre": {"grad": row | {"ppl_pre": 20.0, "ppl_post": 21.5}}}}  # fmt: skip
+    (tmp_path / "part.json").write_text(json.dumps(part))
+    ev = row | {
+        "rewrite_acc": 0.9,
+        "model": "m",
+        "method": "mend",
+        "editor": "runs/z",
+        "data": "z.json",
+    }
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    compare.merge([str(tmp_path / "part.json"), f"zsre:mend={tmp_path / 'eval.json'}"], "both")
+    merged = json.loads((tmp_path / "both.json").read_text())
+    assert list(merged["single"]["zsre"]) == ["grad", "mend"]
+    assert merged["single"]["zsre"]["mend"]["rewrite_acc"] == 0.9
+    assert (
+        "mend eval --model m --method mend --editor runs/z --data z.json --limit 3"
+        in merged["command"]
+    )
+    table = (tmp_path / "both.md").read_text()
+    assert (
+        "| zsre | grad | 1.000 | 0.500 | 0.750 | 1.000 | 0.500 | - | 20.00 | 21.50 | 0.2500 |"
+        in table
+    )
+    assert "| zsre | mend | 0.900 | 0.500 | 0.750 | 1.000 | 0.500 | - | - | - | 0.2500 |" in table
