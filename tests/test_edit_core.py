@@ -351,3 +351,41 @@ def test_head_projection_equals_the_linear_layer_with_its_gradient(bias):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-5)
     assert ours.dtype == torch.float32 and ours.shape == (5, 3000)
+
+
+def test_fit_shared_finds_the_mean_edit_and_batches_count_it_once(tokenizer, tmp_path):
+    from mend.checkpoint import load_editor, model_identity, save_editor
+    from mend.edit import fit_shared
+
+    model = tiny_model("llama", len(tokenizer))
+    me = _editor_for(model, tokenizer, init_alpha=0.3)
+    reqs = fact_requests(6)
+    single, batched = _delta_of(me, reqs[:1]), _delta_of(me, reqs[3:6])
+    # the mean single-edit change over the fitting edits, computed independently
+    mean = {n: sum(_delta_of(me, [r])[n] for r in reqs[:3]) / 3 for n in single}
+
+    bases = fit_shared(me, reqs[:3], rank=2)
+    for name, (a, b) in bases.items():  # llama weights are (out, in): no transpose
+        torch.testing.assert_close(a.T @ a, torch.eye(2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.T @ b, torch.eye(2), atol=1e-5, rtol=0)
+        top_left, _, top_right = torch.linalg.svd(mean[name])
+        assert abs(float(a[:, 0] @ top_left[:, 0])) > 0.999
+        assert abs(float(b[:, 0] @ top_right[0])) > 0.999
+
+    # a single edit is unchanged; a batch of 3 keeps a third of its shared part
+    after = _delta_of(me, reqs[:1])
+    assert all(torch.equal(after[n], single[n]) for n in single)
+    now = _delta_of(me, reqs[3:6])
+    for name, (a, b) in bases.items():
+        dw = batched[name]
+        expected = dw - (2 / 3) * a @ (a.T @ dw @ b) @ b.T
+        torch.testing.assert_close(now[name], expected, rtol=1e-4, atol=1e-6)
+        shared_before = (a.T @ dw @ b).norm()
+        assert (a.T @ now[name] @ b).norm() == pytest.approx(float(shared_before) / 3, rel=1e-3)
+
+    # the bases travel with the checkpoint
+    save_editor(tmp_path, me.editor, model_identity(model, me.editor.names))
+    again = MendEditor(model, tokenizer, load_editor(tmp_path, model), boost=())
+    assert again.editor.cfg.shared_rank == 2
+    reloaded = _delta_of(again, reqs[3:6])
+    assert all(torch.equal(reloaded[n], now[n]) for n in now)

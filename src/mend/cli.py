@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         "epoch; auto: bf16 where the hardware has bf16 units)",
     )  # fmt: skip
     t.add_argument(
+        "--shared-rank", type=int, default=16,
+        help="after training, fit this rank of the change all edits share, so that batched "
+        "edits count it once (0: off; see `mend fit-shared`)",
+    )  # fmt: skip
+    t.add_argument(
         "--select", choices=("accuracy", "loss"), default="accuracy",
         help="keep the checkpoint with the best mean validation accuracy, or the lowest loss",
     )  # fmt: skip
@@ -112,6 +117,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.add_argument("--save-model", help="save the edited model to this folder")
     d.add_argument("--save-delta", help="save only the weight change (safetensors)")
+
+    f = sub.add_parser(
+        "fit-shared", help="fit (or refit) the part of an editor's change that all edits share"
+    )
+    _common(f)
+    f.add_argument("--editor", required=True, help="editor checkpoint folder (updated in place)")
+    f.add_argument("--data", required=True, help="training edits (the first --limit are used)")
+    f.add_argument("--limit", type=int, default=64)
+    f.add_argument("--rank", type=int, default=16, help="rank of the shared part")
 
     m = sub.add_parser("demo", help="train a small editor on CounterFact, then edit and score")
     _common(m)
@@ -154,6 +168,7 @@ def cmd_train(args) -> int:
         loc_per_edit=args.loc_per_edit, cosine=args.cosine, reference=args.reference,
         row_cache_mb=args.row_cache_mb, select=args.select,
         lower_precision=args.lower_precision, key_text=args.key_text or None,
+        shared_rank=args.shared_rank,
     )  # fmt: skip
     if args.limit is not None and args.limit < 2:
         raise MendError("--limit must be >= 2")
@@ -239,6 +254,23 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def cmd_fit_shared(args) -> int:
+    from mend.checkpoint import load_editor, read_config, save_editor
+    from mend.edit import MendEditor, fit_shared
+
+    if args.rank < 1 or args.limit < 1:
+        raise MendError("--rank and --limit must be >= 1")
+    model, tok = _load(args)
+    editor = load_editor(args.editor, model)
+    config = read_config(args.editor)
+    extra = {k: v for k, v in config.items() if k not in ("format", "editor", "model", "sha256")}
+    data = _load_data(args.data, tok, model, args.limit)
+    fit_shared(MendEditor(model, tok, editor), data, args.rank, progress=True)
+    save_editor(args.editor, editor, config["model"], extra)
+    print(f"{args.editor}: shared part of rank {editor.cfg.shared_rank} saved")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mend.demo import run_demo
 
@@ -251,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    handler = {"train": cmd_train, "eval": cmd_eval, "edit": cmd_edit, "demo": cmd_demo}[args.cmd]
+    handler = {"train": cmd_train, "eval": cmd_eval, "edit": cmd_edit, "demo": cmd_demo,
+               "fit-shared": cmd_fit_shared}[args.cmd]  # fmt: skip
     try:
         return handler(args)
     except MendError as e:

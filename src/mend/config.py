@@ -48,6 +48,8 @@ class EditorConfig:
     share: bool = True
     edit_modules: tuple[str, ...] = ()
     precondition: float | None = 0.1
+    # rank of the edit component every edit shares (Editor.set_shared); 0: none set
+    shared_rank: int = 0
 
     def __post_init__(self):
         if self.rank < 1:
@@ -60,6 +62,8 @@ class EditorConfig:
             self.precondition > 0 and math.isfinite(self.precondition)
         ):
             raise MendError(f"precondition must be a positive number, got {self.precondition}")
+        if self.shared_rank < 0:
+            raise MendError(f"shared_rank must be >= 0, got {self.shared_rank}")
         self.edit_modules = tuple(self.edit_modules)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +111,9 @@ class TrainConfig:
     # general text (a data set name or a path) whose windows join the training texts in
     # estimating the key preconditioner's C; None: the training texts only
     key_text: str | None = "wikitext-valid"
+    # after training: rank of the component shared by all edits, fitted on training edits and
+    # saved with the best checkpoint, that batched edits then count once (edit.fit_shared); 0: off
+    shared_rank: int = 16
     seed: int = 0
 
     def __post_init__(self):
@@ -128,6 +135,8 @@ class TrainConfig:
             raise MendError(
                 f"lower_precision must be fp32, bf16 or auto, got {self.lower_precision!r}"
             )
+        if self.shared_rank < 0:
+            raise MendError(f"shared_rank must be >= 0, got {self.shared_rank}")
         if self.row_cache_mb < 0:
             raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
         if self.c_edit < 0 or self.c_loc < 0 or self.c_gap < 0:

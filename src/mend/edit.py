@@ -239,6 +239,24 @@ class MendEditor:
             current = {n: (u * per_slot, d) for n, (u, d) in factors.items()}
         return current
 
+    def _shared_once(self, factors: Factors, k: int) -> Factors:
+        """A batched edit of k requests with the change all edits share counted once, not k times.
+
+        With A (out, r), B (in, r) from `Editor.set_shared`, the shared part of one group's
+        Delta W = sum_t d~_t u~_t^T is A K B^T, K = A^T Delta W B; r extra token slots
+        (u = B's columns, d = -(1 - 1/k) A K's columns) leave 1/k of it: the mean edit's share.
+        """
+        if k < 2 or not self.editor.cfg.shared_rank:
+            return factors
+        out = {}
+        for name, (u, d) in factors.items():
+            a, b = self.editor.shared(name)
+            k_mat = (d @ a).transpose(1, 2) @ (u @ b)  # (G, r, r)
+            u_x = b.T.expand(len(u), -1, -1)  # (G, r, in)
+            d_x = -(1 - 1 / k) * (a @ k_mat).transpose(1, 2)  # (G, r, out)
+            out[name] = (torch.cat([u, u_x], 1), torch.cat([d, d_x], 1))
+        return out
+
     def edit(self, requests: list[EditRequest] | EditRequest) -> EditResult:
         """Apply one edit for all requests together (a batched edit), in place.
 
@@ -260,6 +278,7 @@ class MendEditor:
                 factors = self.factors(batch, rows_per_edit=None, captured=captured)
                 if self.boost and (len(requests) == 1 or self.check_batches):
                     factors = self._boosted(factors, batch, prepared)
+                factors = self._shared_once(factors, len(requests))
                 bad = self._non_finite(factors)
                 if bad is not None:
                     raise MendError(f"the edit is not finite at {bad} (weights left unchanged)")
@@ -269,3 +288,37 @@ class MendEditor:
             self.editor.train(was_training)
         result.seconds = time.perf_counter() - start
         return result
+
+
+def fit_shared(me: MendEditor, requests: list[EditRequest], rank: int = 16, progress: bool = False):
+    """Fit and store (`Editor.set_shared`) the part of the change that all edits share.
+
+    A trained editor's single edits are far from independent: on SmolLM2-135M the mean change
+    over 64 CounterFact edits is nearly rank one in every matrix and holds about 70% of a new
+    edit's squared norm. Summing k edits (a batched edit) adds that part k times; counted once
+    instead, batches of 5 and 25 keep far more of each edit. The bases are the top `rank`
+    singular vectors of the mean single-edit Delta W (out, in) over `requests`.
+    """
+    from tqdm.auto import tqdm
+
+    if not requests:
+        raise MendError("fit_shared needs at least one edit")
+    was_training = me.editor.training
+    me.editor.eval()
+    total: dict[str, torch.Tensor] = {}
+    try:
+        for req in tqdm(requests, desc="shared part of edits", disable=not progress):
+            batch = me.batch([(req.prompt, req.target)])
+            with torch.no_grad():  # capture turns gradients on where it needs them
+                for name, (u, d) in me.factors(batch).items():
+                    dw = d[0].T @ u[0]  # (out, in)
+                    total[name] = total[name] + dw if name in total else dw
+    finally:
+        me.editor.train(was_training)
+    bases = {}
+    for name, dw in total.items():
+        left, _, right_t = torch.linalg.svd(dw / len(requests), full_matrices=False)
+        r = min(rank, left.shape[1])
+        bases[name] = (left[:, :r], right_t[:r].T)
+    me.editor.set_shared(bases)
+    return bases

@@ -20,9 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mend.checkpoint import (
+    CONFIG_FILE,
     load_editor,
     load_train_state,
     model_identity,
+    read_config,
     save_editor,
     save_train_state,
 )
@@ -30,7 +32,7 @@ from mend.config import TrainConfig
 from mend.data.collate import IGNORE, TokenBatch
 from mend.data.sources import resolve_data
 from mend.data.text import read_text, token_windows
-from mend.edit import MendEditor
+from mend.edit import MendEditor, fit_shared
 from mend.editor.net import Editor
 from mend.errors import MendError
 from mend.grads import capture, key_moments
@@ -459,6 +461,13 @@ def train(
             stop_reason = "time_budget"
             break
     bar.close()
+    if cfg.shared_rank and (out / CONFIG_FILE).exists():
+        # The best checkpoint learns which part of its change every edit shares (edit.fit_shared).
+        best = load_editor(out, model).to(me.device)
+        fit_shared(MendEditor(model, tokenizer, best), train_data[:64], cfg.shared_rank, progress)
+        keep = read_config(out)
+        checkpoint_extra = {k: keep[k] for k in ("best_step", "val") if k in keep}
+        save_editor(out, best, identity, checkpoint_extra)
     from mend.plots import plot_training
 
     plot_training(log_path, out / "train_curves.png")

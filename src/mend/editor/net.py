@@ -102,6 +102,11 @@ class Editor(nn.Module):
         if cfg.precondition is not None:
             for i, (d_in, _) in enumerate(self.shapes.values()):
                 self.register_buffer(f"precond_{i}", torch.eye(d_in))
+        if cfg.shared_rank:
+            r = cfg.shared_rank
+            for i, (d_in, d_out) in enumerate(self.shapes.values()):
+                self.register_buffer(f"shared_out_{i}", torch.zeros(d_out, r))
+                self.register_buffer(f"shared_in_{i}", torch.zeros(d_in, r))
 
     def alpha(self, name: str) -> torch.Tensor:
         return self.log_alpha[self.names.index(name)].exp()
@@ -110,6 +115,30 @@ class Editor(nn.Module):
         if self.cfg.precondition is None:
             return None
         return getattr(self, f"precond_{self.names.index(name)}")
+
+    def shared(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A (out, r), B (in, r)): orthonormal bases of the change all edits share, or None."""
+        if not self.cfg.shared_rank:
+            return None
+        i = self.names.index(name)
+        return getattr(self, f"shared_out_{i}"), getattr(self, f"shared_in_{i}")
+
+    @torch.no_grad()
+    def set_shared(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Store, per matrix, A (out, r) and B (in, r) spanning the change every edit shares.
+
+        Every trained editor's change has a large part that is the same for all edits (see
+        `edit.fit_shared`); a batched edit of k requests would add it k times.
+        """
+        ranks = {a.shape[1] for a, b in bases.values()} | {b.shape[1] for a, b in bases.values()}
+        if set(bases) != set(self.names) or len(ranks) != 1:
+            raise ValueError("set_shared needs bases of one rank for every edited matrix")
+        self.cfg.shared_rank = ranks.pop()
+        device = self.log_alpha.device
+        for i, name in enumerate(self.names):
+            a, b = bases[name]
+            self.register_buffer(f"shared_out_{i}", a.detach().float().to(device).contiguous())
+            self.register_buffer(f"shared_in_{i}", b.detach().float().to(device).contiguous())
 
     @torch.no_grad()
     def set_key_moments(self, moments: dict[str, torch.Tensor]) -> None:
