@@ -104,7 +104,26 @@ def test_train_writes_checkpoint_log_and_plot(env, trained, capsys):
     assert config["editor"]["rank"] == 8
     assert config["model"]["model_type"] == "llama"
     assert config["best_step"] in (3, 6)
+    assert config["editor"]["shared_rank"] == 16  # fitted for the best checkpoint at the end
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_fit_shared_refits_an_editor_in_place_and_batched_eval_uses_it(env, trained, tmp_path):
+    import shutil
+
+    editor = tmp_path / "editor"
+    shutil.copytree(trained, editor)
+    before = json.loads((editor / "editor_config.json").read_text())
+    argv = ["fit-shared", "--model", env["model"], "--editor", str(editor), "--data", env["data"],
+            "--limit", "5", "--rank", "2", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    after = json.loads((editor / "editor_config.json").read_text())
+    assert after["editor"]["shared_rank"] == 2
+    assert after["best_step"] == before["best_step"] and after["val"] == before["val"]
+    assert after["sha256"] != before["sha256"]
+    report = tmp_path / "r.json"
+    assert main(_eval_argv(env, editor, report) + ["--batch-size", "3"]) == 0
+    assert json.loads(report.read_text())["n_edits"] == 3
 
 
 def test_eval_reports_every_metric(env, trained, tmp_path, capsys):
