@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     report["edit"] = edit_speed(args, model, tok, me, edits)
     report["ft"] = ft_speed(model, tok, edits[:10])
     report["mend_vs_ft"] = report["ft"]["ft_seconds_median"] / report["edit"]["edit_seconds"]
-    print(f"MEND edit is {report['mend_vs_ft']:.0f}x faster than ft")
+    print(f"MEND edit is {report['mend_vs_ft']:.1f}x faster than ft")
     write_json(Path(args.out + ".json"), report)
     Path(args.out + ".md").write_text(to_markdown(report))
     print(f"wrote {args.out}.json and .md")
@@ -250,7 +250,7 @@ def to_markdown(r: dict) -> str:
     for k, b in e["batched"].items():
         lines.append(f"| batched edit k={k} | {b['edits_per_second']:.1f} edits/s |")
     lines.append(f"| ft baseline, median per edit | {r['ft']['ft_seconds_median']:.3f} s |")
-    lines.append(f"| MEND vs ft per edit | {r['mend_vs_ft']:.0f}x faster |")
+    lines.append(f"| MEND vs ft per edit | {r['mend_vs_ft']:.1f}x faster |")
     return "\n".join(lines) + "\n"
 
 
