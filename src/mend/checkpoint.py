@@ -65,6 +65,14 @@ def save_editor(folder: str | Path, editor: Editor, identity: dict[str, Any], ex
     write_json(folder / CONFIG_FILE, config)
 
 
+def resave_editor(folder: str | Path, editor: Editor) -> None:
+    """Rewrite folder's editor (e.g. after `edit.fit_shared`), keeping the config's model
+    identity and its other entries (best_step, val)."""
+    config = read_config(folder)
+    extra = {k: v for k, v in config.items() if k not in ("format", "editor", "model", "sha256")}
+    save_editor(folder, editor, config["model"], extra)
+
+
 def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     try:

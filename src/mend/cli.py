@@ -255,18 +255,16 @@ def cmd_edit(args) -> int:
 
 
 def cmd_fit_shared(args) -> int:
-    from mend.checkpoint import load_editor, read_config, save_editor
+    from mend.checkpoint import load_editor, resave_editor
     from mend.edit import MendEditor, fit_shared
 
     if args.rank < 1 or args.limit < 1:
         raise MendError("--rank and --limit must be >= 1")
     model, tok = _load(args)
     editor = load_editor(args.editor, model)
-    config = read_config(args.editor)
-    extra = {k: v for k, v in config.items() if k not in ("format", "editor", "model", "sha256")}
     data = _load_data(args.data, tok, model, args.limit)
     fit_shared(MendEditor(model, tok, editor), data, args.rank, progress=True)
-    save_editor(args.editor, editor, config["model"], extra)
+    resave_editor(args.editor, editor)
     print(f"{args.editor}: shared part of rank {editor.cfg.shared_rank} saved")
     return 0
 

@@ -24,7 +24,7 @@ from mend.checkpoint import (
     load_editor,
     load_train_state,
     model_identity,
-    read_config,
+    resave_editor,
     save_editor,
     save_train_state,
 )
@@ -465,9 +465,7 @@ def train(
         # The best checkpoint learns which part of its change every edit shares (edit.fit_shared).
         best = load_editor(out, model).to(me.device)
         fit_shared(MendEditor(model, tokenizer, best), train_data[:64], cfg.shared_rank, progress)
-        keep = read_config(out)
-        checkpoint_extra = {k: keep[k] for k in ("best_step", "val") if k in keep}
-        save_editor(out, best, identity, checkpoint_extra)
+        resave_editor(out, best)
     from mend.plots import plot_training
 
     plot_training(log_path, out / "train_curves.png")
