@@ -30,6 +30,42 @@ def test_upper_stack_reproduces_the_full_forward(family_model, tokenizer):
     torch.testing.assert_close(full, scored_logits(family_model, batch), rtol=0, atol=0)
 
 
+def test_last_mlp_runs_at_scored_positions_only_and_changes_nothing(family_model, tokenizer):
+    from mend.data.collate import make_batch
+    from mend.models.head import project, project_with_base
+
+    names = [p.name for p in find_editable(family_model)]
+    stack = UpperStack(family_model, UpperStack.first_edited_block(family_model, names))
+    pairs = [(r.prompt, r.target) for r in fact_requests(3)] + [("Bob is", " a")]
+    prepared = stack.prepare(make_batch(tokenizer, pairs))
+    last = find_editable(family_model)[-1].module  # a weight of the last block's MLP
+    seen = []
+    hook = last.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        full = stack.scored_hidden(prepared, scored_only=False)
+        fast = stack.scored_hidden(prepared)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    width = int(prepared.pos_mask.sum(1).max())
+    assert (
+        seen == [prepared.pos_mask.numel(), len(pairs) * width]
+        and width < prepared.pos_mask.shape[1]
+    )
+    assert "forward" not in stack._last_mlp.__dict__  # restored
+
+    # Edited and unedited states projected together: same logits, gradient into `hidden` only.
+    hidden = full.detach().requires_grad_()
+    base = prepared.base_hidden
+    head = family_model.get_output_embeddings()
+    z = project_with_base(head, hidden, base)
+    torch.testing.assert_close(z, project(head, torch.cat([hidden, base])), rtol=0, atol=0)
+    weights = torch.randn_like(z)
+    (got,) = torch.autograd.grad((z * weights).sum(), hidden)
+    (want,) = torch.autograd.grad((project(head, hidden) * weights[: len(hidden)]).sum(), hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_lower_blocks_stay_close_and_an_empty_edit_changes_nothing(family_model, tokenizer):
     from mend.data.collate import make_batch
 

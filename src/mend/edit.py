@@ -145,9 +145,9 @@ class MendEditor:
             def hook(module, inputs, output):
                 nonlocal dense
                 x = inputs[0].float()  # (R, S, in)
-                if row_group is not None:
-                    coef = x @ u[row_group].transpose(1, 2)  # (R, S, T)
-                    corr = coef @ d[row_group]  # (R, S, out)
+                if row_group is not None:  # (index_select: its backward is far cheaper than [])
+                    coef = x @ u.index_select(0, row_group).transpose(1, 2)  # (R, S, T)
+                    corr = coef @ d.index_select(0, row_group)  # (R, S, out)
                 elif _dense_is_cheaper(x[..., 0].numel(), *u.shape[-2:], d.shape[-1]):
                     if dense is None:  # a large batched edit: form Delta W once
                         dense = u[0].T @ d[0]  # (in, out)

@@ -199,7 +199,7 @@ def _forward_fast(
         me.params,
         edit_b,
         lambda lg: edit_loss(lg, edit_b),
-        run=lambda: stack.logits(edit_p),
+        run=lambda: stack.logits(edit_p, scored_only=False),  # capture sees every position
     )
     factors = me.factors(edit_b, rows_per_edit=joint, captured=captured)
     hidden, rows_of, labels, base_hidden = [], [], [], None
@@ -215,7 +215,7 @@ def _forward_fast(
         if is_loc:
             base_hidden = prepared.base_hidden
     n_edited = sum(len(h) for h in hidden)
-    logits = stack.project(torch.cat(hidden + ([base_hidden] if base_hidden is not None else [])))
+    logits = stack.project_with_base(torch.cat(hidden), base_hidden)
     base = logits[n_edited:].detach() if base_hidden is not None else None
     return logits[:n_edited], base, torch.cat(rows_of), torch.cat(labels)
 

@@ -91,3 +91,36 @@ def project(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         z = (w @ hidden.T).T
         return z if head.bias is None else z + head.bias
     return head(hidden).float()
+
+
+class _ProjectEdited(torch.autograd.Function):
+    """(W @ [edited; base]^T)^T with a gradient into `edited` alone (W frozen)."""
+
+    @staticmethod
+    def forward(ctx, edited, base, weight):
+        ctx.save_for_backward(weight)
+        ctx.n = edited.shape[0]
+        return (weight @ torch.cat([edited, base]).T).T
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad[: ctx.n] @ weight, None, None
+
+
+def project_with_base(head: torch.nn.Module, hidden: torch.Tensor, base: torch.Tensor | None):
+    """`project` of hidden and base (P_b, d; None: none) stacked in one pass over the head;
+    the gradient flows into `hidden` only.
+
+    Training projects edited and unedited states together (one read of the head), but the
+    unedited ones need no gradient: a plain concatenation would backpropagate through all
+    rows, and the unedited ones are 40% of a step's scored positions.
+    """
+    if base is None:
+        return project(head, hidden)
+    w = getattr(head, "weight", None)
+    plain_fp32 = type(head) is torch.nn.Linear and w.dtype == hidden.dtype == torch.float32
+    if not plain_fp32 or w.requires_grad or hidden.dim() != 2:
+        return project(head, torch.cat([hidden, base]))
+    z = _ProjectEdited.apply(hidden, base.detach(), w)
+    return z if head.bias is None else z + head.bias

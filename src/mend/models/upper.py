@@ -14,12 +14,13 @@ position embeddings each upper block needs.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from mend.models.archs import arch_for
-from mend.models.head import project
+from mend.models.head import project, project_with_base
 
 
 @dataclass
@@ -68,6 +69,37 @@ def _pass_through(n_outputs: int | None):
         return h if n_outputs is None else (h,) + (None,) * (n_outputs - 1)
 
     return forward
+
+
+@contextmanager
+def _swapped(forwards: dict):
+    """Run with each module's `forward` replaced by the given function; restored on exit."""
+    saved = {m: m.__dict__.get("forward") for m in forwards}
+    try:
+        for m, forward in forwards.items():
+            m.forward = forward
+        yield
+    finally:
+        for m, f in saved.items():
+            if f is None:
+                del m.forward
+            else:
+                m.forward = f
+
+
+def _at_positions(forward, order: torch.Tensor):
+    """A position-wise module's forward computed only at `order` (R, W) of each row.
+
+    The other positions of its output are zeros: fine wherever nothing reads them.
+    """
+
+    def run(x, *args, **kwargs):
+        idx = order[..., None]
+        y = forward(x.gather(1, idx.expand(-1, -1, x.shape[-1])), *args, **kwargs)
+        out = y.new_zeros(*x.shape[:-1], y.shape[-1])
+        return out.scatter(1, idx.expand(-1, -1, y.shape[-1]), y)
+
+    return run
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -121,6 +153,10 @@ class UpperStack:
         self.norm = model.get_submodule(arch.final_norm)
         self.head = model.get_output_embeddings()
         self.cache = cache
+        # The last block's MLP feeds only the final norm and the head, which read just the
+        # scored positions: `scored_hidden` runs it there alone (a third of the upper MLPs).
+        mlp = arch.mlp[0].rpartition(".")[0]
+        self._last_mlp = self.blocks[-1].get_submodule(mlp) if mlp and self.blocks else None
         self._n_outputs: int | None = None  # a block's output: a tensor (None) or a tuple
         self._format_known = False  # set by the first full forward
 
@@ -215,29 +251,22 @@ class UpperStack:
             swapped = {b: _autocast(b.forward, device, self.lower_dtype) for b in self.lower}
         else:
             swapped = {}
-        saved = {b: b.__dict__.get("forward") for b in swapped}
         try:
-            for b, forward in swapped.items():
-                b.forward = forward
-            out = self.model.base_model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            )
+            with _swapped(swapped):
+                out = self.model.base_model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                )
         finally:
             for h in handles:
                 h.remove()
-            for b, f in saved.items():
-                if f is None:
-                    del b.forward
-                else:
-                    b.forward = f
         if first is None:
             args, kwargs = calls[0]
             first = args[0] if args else kwargs["hidden_states"]
         return Prepared(first, calls, batch.pos_mask), out.last_hidden_state
 
-    def logits(self, prepared: Prepared) -> torch.Tensor:
+    def logits(self, prepared: Prepared, scored_only: bool = True) -> torch.Tensor:
         """Scored logits (P, V) of a prepared batch, running only the upper blocks."""
-        return self.project(self.scored_hidden(prepared))
+        return self.project(self.scored_hidden(prepared, scored_only))
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The vocabulary projection of final normed hidden states, as fp32 logits.
@@ -247,13 +276,30 @@ class UpperStack:
         """
         return project(self.head, hidden)
 
-    def scored_hidden(self, prepared: Prepared) -> torch.Tensor:
-        """Final normed hidden states (P, d) at the scored positions, running the upper blocks."""
+    def project_with_base(self, hidden: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """`project` of hidden and base stacked, with a gradient into hidden only."""
+        return project_with_base(self.head, hidden, base)
+
+    def scored_hidden(self, prepared: Prepared, scored_only: bool = True) -> torch.Tensor:
+        """Final normed hidden states (P, d) at the scored positions, running the upper blocks.
+
+        Args:
+            scored_only: run the last block's MLP at the scored positions alone (the others
+                feed nothing that is read). Off for callers that hook every position of that
+                MLP's weights, such as gradient capture.
+        """
+        swapped = {}
+        if scored_only and self._last_mlp is not None and bool(prepared.pos_mask.any()):
+            mask = prepared.pos_mask
+            width = int(mask.sum(1).max())  # scored positions first, in order; then padding
+            order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices
+            swapped[self._last_mlp] = _at_positions(self._last_mlp.forward, order[:, :width])
         h = prepared.hidden
-        for block, (args, kwargs) in zip(self.blocks, prepared.calls, strict=True):
-            if args:
-                out = block(h, *args[1:], **kwargs)
-            else:
-                out = block(**(kwargs | {"hidden_states": h}))
-            h = out[0] if isinstance(out, tuple) else out
+        with _swapped(swapped):
+            for block, (args, kwargs) in zip(self.blocks, prepared.calls, strict=True):
+                if args:
+                    out = block(h, *args[1:], **kwargs)
+                else:
+                    out = block(**(kwargs | {"hidden_states": h}))
+                h = out[0] if isinstance(out, tuple) else out
         return self.norm(h)[prepared.pos_mask]
