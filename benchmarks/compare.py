@@ -103,12 +103,19 @@ def run_batched(model, tok, methods, edits, ks):
 
 
 def run_sequential(model, tok, methods, edits, every):
-    """Run 3: edits applied one after another; all earlier edits re-scored every `every` edits."""
+    """Run 3: edits applied one after another; all earlier edits re-scored every `every` edits.
+
+    `mend` is anchored (each edit's gradient from the unedited weights, MendEditor's default);
+    `mend-unanchored` is the paper's setting, each edit computed on the model as edited so far.
+    """
     out = {}
     checkpoints = list(range(every, len(edits) + 1, every))
     # Unedited predictions for each prefix, taken before any edit is applied.
     base = {n: score(model, tok, edits[:n]) for n in checkpoints}
-    for name in ("mend", "ft"):
+    methods = methods | {
+        "mend-unanchored": MendEditor(model, tok, methods["mend"].editor, anchored=False)
+    }
+    for name in ("mend", "mend-unanchored", "ft"):
         results, curve = [], []
         try:
             for i, req in enumerate(tqdm(edits, desc=f"sequential {name}", leave=False)):

@@ -1,12 +1,15 @@
 """Where do sequential MEND edits break? A per-edit trace of edits applied one after another.
 
     python benchmarks/sequential_probe.py --editor runs/bench5 [--n 30] [--boost] [--boost 1.5 2]
+        [--unanchored]
 
 For each --boost setting (no scales: unchecked), applies the first n CounterFact-val edits to the
 same model in turn and prints, after every edit: whether that edit took (rewrite), the size of
 its own change and of the accumulated change (largest ||dW|| / ||W|| over the edited matrices),
 and every `--every` edits the rewrite / rephrase / locality of all edits so far (against the
 unedited model's predictions) and WikiText perplexity (2 windows of 512 tokens).
+Edits are anchored (MendEditor's default: gradients from the unedited weights); --unanchored
+traces the paper's sequential editing, where each edit sees the model as the others left it.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ def relative_change(params, before: dict) -> float:
                    for p in params)  # fmt: skip
 
 
-def trace(model, tok, editor, edits, text, boost, every) -> None:
-    me = MendEditor(model, tok, editor, boost=boost)
+def trace(model, tok, editor, edits, text, boost, every, anchored=True) -> None:
+    me = MendEditor(model, tok, editor, boost=boost, anchored=anchored)
     original = {p.name: p.weight.detach().clone() for p in me.params}
     # the unedited predictions of each scored prefix, for locality
     base = {n: score(model, tok, edits[:n]) for n in range(every, len(edits) + 1, every)}
     results = []
-    print(f"\n== boost {boost or '(unchecked)'}: perplexity {perplexity(model, tok, text, 2):.2f}")
+    print(
+        f"\n== {'anchored' if anchored else 'unanchored'}, boost {boost or '(unchecked)'}: perplexity {perplexity(model, tok, text, 2):.2f}"
+    )
     try:
         for i, req in enumerate(edits):
             before = {p.name: p.weight.detach().clone() for p in me.params}
@@ -63,13 +68,15 @@ def main(argv=None) -> None:
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--boost", type=float, nargs="*", action="append",
                     help="scales of the edit check; repeat for several runs; empty: unchecked")  # fmt: skip
+    ap.add_argument("--unanchored", action="store_true",
+                    help="each edit's gradient from the edited model (the paper's setting)")  # fmt: skip
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
     editor = load_editor(args.editor, model)
     text = read_text(resolve_data("wikitext-valid"))
     edits = load_checked("counterfact-val", tok, context_length(model), limit=args.n)
     for boost in args.boost or [list(DEFAULT_BOOST), []]:
-        trace(model, tok, editor, edits, text, tuple(boost), args.every)
+        trace(model, tok, editor, edits, text, tuple(boost), args.every, not args.unanchored)
 
 
 if __name__ == "__main__":

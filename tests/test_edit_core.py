@@ -389,3 +389,40 @@ def test_fit_shared_finds_the_mean_edit_and_batches_count_it_once(tokenizer, tmp
     assert again.editor.cfg.shared_rank == 2
     reloaded = _delta_of(again, reqs[3:6])
     assert all(torch.equal(reloaded[n], now[n]) for n in now)
+
+
+def test_anchored_edits_take_their_gradient_from_the_anchor_and_add_no_second_shared_part(
+    tokenizer,
+):
+    from mend.edit import fit_shared
+
+    model = tiny_model("llama", len(tokenizer))
+    me = _editor_for(model, tokenizer, init_alpha=0.3)
+    reqs = fact_requests(5)
+    bases = fit_shared(me, reqs[2:5], rank=2)
+    originals = {p.name: p.weight.detach().clone() for p in me.params}
+    alone = _delta_of(me, reqs[1:2])  # edit B on the unedited model
+
+    paper = MendEditor(model, tokenizer, me.editor, boost=(), anchored=False)
+    for editor, anchored in ((me, True), (paper, False)):
+        first = editor.edit(reqs[0])  # edit A stays applied
+        assert editor.moved()
+        b = _delta_of(editor, reqs[1:2])
+        first.revert()
+        assert not editor.moved()
+        for name, (a, bb) in bases.items():
+            without_shared = alone[name] - a @ (a.T @ alone[name] @ bb) @ bb.T
+            close = torch.allclose(b[name], without_shared, rtol=1e-4, atol=1e-6)
+            assert close == anchored, (name, anchored)
+        if anchored:  # B's shared part left out entirely: A already carries one
+            assert all(float((a.T @ b[n] @ bb).norm()) < 1e-4 for n, (a, bb) in bases.items())
+    for p in me.params:
+        assert torch.equal(p.weight, originals[p.name])
+
+    # Reverting out of order never hands the anchor's storage out as a spare to overwrite.
+    first, second = me.edit(reqs[0]), me.edit(reqs[1])
+    first.revert()
+    second.revert()  # the anchor goes back to the pool here, which refuses it
+    me.edit(reqs[2]).revert()
+    me.edit(reqs[3])
+    assert all(torch.equal(me._anchor[n], originals[n]) for n in originals)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -59,14 +59,28 @@ class MendEditor:
             default: scaling up the share of the requests that miss raised the interference
             between them (5 CounterFact edits per batch: locality 0.78 unchecked, 0.39
             checked, rewrite only 0.33 -> 0.39), so a batch gets MEND's change as it comes.
+        anchored: compute every edit's gradient on the weights this editor was created on
+            (its anchor), even when earlier edits are still applied, and leave out the part
+            of the change that all edits share (`fit_shared`) once the model carries one. Off,
+            each edit sees the model as it is now: the paper's sequential editing, where the
+            editor meets gradients of a model it was never trained on and, after a handful of
+            edits, makes changes hundreds of times the weights' norm (docs/ARCHITECTURE.md).
+            Either way the change is added to the current weights and the check runs on them.
     """
 
     def __init__(
-        self, model, tokenizer, editor: Editor, boost=DEFAULT_BOOST, check_batches: bool = False
+        self,
+        model,
+        tokenizer,
+        editor: Editor,
+        boost=DEFAULT_BOOST,
+        check_batches: bool = False,
+        anchored: bool = True,
     ):
         self.model, self.tokenizer, self.editor = model, tokenizer, editor
         self.boost = tuple(float(s) for s in boost)
         self.check_batches = check_batches
+        self.anchored = anchored
         if any(not s > 0 for s in self.boost):
             raise MendError(f"boost scales must be > 0, got {self.boost}")
         self.params = find_editable(model, editor.names)
@@ -76,8 +90,11 @@ class MendEditor:
                     f"editor was made for a different model: {p.name} is {p.in_out} "
                     f"(in, out) here but {editor.shapes[p.name]} in the editor"
                 )
+        # Edits swap new storage in and keep the old (EditResult), so holding these aliases
+        # costs nothing and stays exact; `moved()` compares storage.
+        self._anchor = {p.name: p.weight.data for p in self.params}
         self.max_len = context_length(model)
-        self._spares = WeightPool()
+        self._spares = WeightPool(protected=self._anchor.values())
         start = UpperStack.first_edited_block(model, editor.names)
         self._stack = UpperStack(model, start) if start is not None else None
         head = model.get_output_embeddings()
@@ -239,21 +256,39 @@ class MendEditor:
             current = {n: (u * per_slot, d) for n, (u, d) in factors.items()}
         return current
 
-    def _shared_once(self, factors: Factors, k: int) -> Factors:
-        """A batched edit of k requests with the change all edits share counted once, not k times.
+    def moved(self) -> bool:
+        """Whether the model's edited weights differ from the anchor (an edit is applied)."""
+        return any(p.weight.data_ptr() != self._anchor[p.name].data_ptr() for p in self.params)
+
+    @contextmanager
+    def _at_anchor(self) -> Iterator[None]:
+        """Run with the anchor weights swapped in (no copies); the current ones come back."""
+        current = {p.name: p.weight.data for p in self.params}
+        try:
+            for p in self.params:
+                p.weight.data = self._anchor[p.name]
+            yield
+        finally:
+            for p in self.params:
+                p.weight.data = current[p.name]
+
+    def _shared_once(self, factors: Factors, keep: float) -> Factors:
+        """An edit with only `keep` of the change all edits share (1/k: counted once in k).
 
         With A (out, r), B (in, r) from `Editor.set_shared`, the shared part of one group's
         Delta W = sum_t d~_t u~_t^T is A K B^T, K = A^T Delta W B; r extra token slots
-        (u = B's columns, d = -(1 - 1/k) A K's columns) leave 1/k of it: the mean edit's share.
+        (u = B's columns, d = -(1 - keep) A K's columns) leave `keep` of it. A batch of k
+        requests keeps 1/k, the mean edit's share; an anchored edit on a model that already
+        carries one keeps none.
         """
-        if k < 2 or not self.editor.cfg.shared_rank:
+        if keep == 1 or not self.editor.cfg.shared_rank:
             return factors
         out = {}
         for name, (u, d) in factors.items():
             a, b = self.editor.shared(name)
             k_mat = (d @ a).transpose(1, 2) @ (u @ b)  # (G, r, r)
             u_x = b.T.expand(len(u), -1, -1)  # (G, r, in)
-            d_x = -(1 - 1 / k) * (a @ k_mat).transpose(1, 2)  # (G, r, out)
+            d_x = -(1 - keep) * (a @ k_mat).transpose(1, 2)  # (G, r, out)
             out[name] = (torch.cat([u, u_x], 1), torch.cat([d, d_x], 1))
         return out
 
@@ -274,11 +309,14 @@ class MendEditor:
         self.editor.eval()
         try:
             with torch.no_grad():
-                captured, prepared = self._capture(batch)
+                anchored = self.anchored and self.moved()
+                with self._at_anchor() if anchored else nullcontext():
+                    captured, prepared = self._capture(batch)
                 factors = self.factors(batch, rows_per_edit=None, captured=captured)
                 if self.boost and (len(requests) == 1 or self.check_batches):
+                    # (the upper blocks' recorded inputs do not depend on the edited weights)
                     factors = self._boosted(factors, batch, prepared)
-                factors = self._shared_once(factors, len(requests))
+                factors = self._shared_once(factors, 0.0 if anchored else 1 / len(requests))
                 bad = self._non_finite(factors)
                 if bad is not None:
                     raise MendError(f"the edit is not finite at {bad} (weights left unchanged)")

@@ -54,11 +54,13 @@ class WeightPool:
     matrices with their deltas made a single edit about a quarter slower than it needs to be.
     A reverted edit leaves its tensors here for the next one, so a tensor taken from an edited
     weight (e.g. a `state_dict()` made while the edit was applied) is overwritten by a later
-    edit once that edit is reverted: clone what you keep.
+    edit once that edit is reverted: clone what you keep. `protected` tensors (e.g. the weights
+    edits are anchored to) are never reused, whatever order edits are reverted in.
     """
 
-    def __init__(self):
+    def __init__(self, protected=()):
         self.spare: dict[str, torch.Tensor] = {}
+        self._protected = {t.data_ptr() for t in protected}  # the owner keeps them alive
 
     def take(self, name: str, like: torch.Tensor) -> torch.Tensor:
         t = self.spare.pop(name, None)
@@ -66,7 +68,8 @@ class WeightPool:
         return t if ok else torch.empty_like(like)
 
     def give(self, name: str, t: torch.Tensor) -> None:
-        self.spare[name] = t
+        if t.data_ptr() not in self._protected:
+            self.spare[name] = t
 
 
 Update = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
