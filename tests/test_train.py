@@ -132,7 +132,14 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(lr=0), dict(batch_size=0), dict(c_loc=-1), dict(joint_edits=3), dict(joint_edits=0)],
+    [
+        dict(lr=0),
+        dict(batch_size=0),
+        dict(c_loc=-1),
+        dict(joint_edits=3),
+        dict(joint_edits=0),
+        dict(joint_fraction=1.5),
+    ],  # fmt: skip
 )
 def test_config_rejects_bad_values(bad):
     from mend.errors import MendError
@@ -183,3 +190,31 @@ def test_gap_hinge_counts_only_lost_lead_up_to_tau():
     gap_hinge(base, edited).backward()
     # pushes the unedited top up and the runner-up down, nothing where the lead grew
     assert edited.grad[0, 0] < 0 < edited.grad[0, 1] and edited.grad[2].abs().sum() == 0
+
+
+def test_joint_fraction_spreads_batched_steps_evenly():
+    from mend.train import joint_at
+
+    for frac, want in ((1.0, [4] * 8), (0.0, [1] * 8), (0.5, [1, 4] * 4), (0.25, [1, 1, 1, 4] * 2)):
+        assert [joint_at(s, _cfg(joint_edits=4, joint_fraction=frac)) for s in range(8)] == want
+
+
+def test_init_starts_from_a_trained_editor(tmp_path, tokenizer):
+    data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
+    model = tiny_model("llama", len(tokenizer))
+    train(model, tokenizer, data, val, _cfg(max_steps=4), tmp_path / "a", progress=False)
+    trained = load_editor(tmp_path / "a", model)
+    # a near-zero learning rate: the continued editor must still be the trained one
+    cfg = _cfg(max_steps=2, val_every=2, lr=1e-12, alpha_lr=1e-12, init_editor=str(tmp_path / "a"),
+               joint_edits=2, joint_fraction=0.5)  # fmt: skip
+    train(model, tokenizer, data, val, cfg, tmp_path / "b", progress=False)
+    again = load_editor(tmp_path / "b", model)
+    fresh = Editor(trained.shapes, trained.cfg)
+    weights = lambda e: {n: p for n, p in e.named_parameters()}  # noqa: E731
+    assert again.cfg.rank == trained.cfg.rank
+    for name, p in weights(trained).items():
+        torch.testing.assert_close(weights(again)[name], p, rtol=0, atol=1e-8)
+    moved = max((p - weights(fresh)[n]).abs().max() for n, p in weights(trained).items())
+    assert moved > 1e-3  # so the check above could fail
+    log = [json.loads(x) for x in (tmp_path / "b" / LOG_FILE).read_text().splitlines()]
+    assert [x["step"] for x in log if "val" not in x] == [1, 2]

@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         "--joint-edits", type=int, default=1,
         help="train on batched edits of this many facts (divides --batch-size; 1: single edits)",
     )  # fmt: skip
+    t.add_argument(
+        "--joint-fraction", type=float, default=1.0,
+        help="share of steps with batched edits of --joint-edits facts (the rest single edits)",
+    )  # fmt: skip
+    t.add_argument(
+        "--init", default=None, metavar="EDITOR_DIR",
+        help="start from this trained editor (e.g. to fine-tune it for batched edits)",
+    )  # fmt: skip
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--reference", action="store_true", help="slow full-model path (for checking)")
@@ -162,7 +170,7 @@ def cmd_train(args) -> int:
             precondition=args.precondition or None,
         ),
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        joint_edits=args.joint_edits,
+        joint_edits=args.joint_edits, joint_fraction=args.joint_fraction, init_editor=args.init,
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
         val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, c_gap=args.c_gap, seed=args.seed,
         loc_per_edit=args.loc_per_edit, cosine=args.cosine, reference=args.reference,

@@ -91,6 +91,11 @@ class TrainConfig:
     # edits per batched edit in training (1: single edits); divides batch_size. Validation
     # always scores single edits.
     joint_edits: int = 1
+    # share of steps that train batched edits (the others single edits), spread evenly
+    joint_fraction: float = 1.0
+    # start from this trained editor (networks, step sizes, statistics, preconditioner; its
+    # editor configuration replaces `editor`) instead of an identity-initialised one
+    init_editor: str | None = None
     grad_accum: int = 1
     clip: float = 100.0
     loc_per_edit: int = 4  # extra locality probes sampled from other records, per edit
@@ -129,6 +134,8 @@ class TrainConfig:
             raise MendError(
                 f"joint_edits must divide batch_size ({self.batch_size}), got {self.joint_edits}"
             )
+        if not 0 <= self.joint_fraction <= 1:
+            raise MendError(f"joint_fraction must be in [0, 1], got {self.joint_fraction}")
         if self.select not in ("accuracy", "loss"):
             raise MendError(f"select must be 'accuracy' or 'loss', got {self.select!r}")
         if self.lower_precision not in ("fp32", "bf16", "auto"):

@@ -300,6 +300,13 @@ def selection_key(val: dict[str, float], select: str) -> float:
     return 1 - sum(accs) / len(accs) + 1e-4 * val["loss"]
 
 
+def joint_at(step: int, cfg: TrainConfig) -> int:
+    """Edits per batched edit at this step: cfg.joint_edits on a cfg.joint_fraction share of
+    the steps, spread evenly (a pure function of the step, like the schedule), else 1."""
+    f = cfg.joint_fraction
+    return cfg.joint_edits if math.floor((step + 1) * f) > math.floor(step * f) else 1
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then (if cfg.cosine) a cosine decay to 10% at max_steps.
 
@@ -359,13 +366,18 @@ def train(
         _truncate_log(log_path, state["step"])
     else:
         torch.manual_seed(cfg.seed)
-        editor = Editor(identity["params"], cfg.editor)
+        if cfg.init_editor:
+            editor = load_editor(cfg.init_editor, model)
+            if editor.names != names:
+                raise MendError(f"--init editor edits {editor.names}, this run {names}")
+        else:
+            editor = Editor(identity["params"], cfg.editor)
         state = {"step": 0, "best": float("inf"), "bad": 0, "elapsed": 0.0, "skipped": 0}
         out.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)
     editor.to(next(model.parameters()).device).train()
     me = MendEditor(model, tokenizer, editor)
-    if not resume and cfg.editor.precondition is not None:
+    if not resume and not cfg.init_editor and cfg.editor.precondition is not None:
         editor.set_key_moments(key_moments(model, me.params, key_batches(me, train_data, cfg)))
     start_block = UpperStack.first_edited_block(model, names)
     stack = None
@@ -413,8 +425,9 @@ def train(
         agg: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             reqs = rng.sample(train_data, n_edits)
-            rows = build_rows(reqs, train_data, cfg, rng, similar, cfg.joint_edits)
-            loss, stats = edit_step(me, reqs, rows, cfg, stack, cfg.joint_edits)
+            joint = joint_at(step, cfg)
+            rows = build_rows(reqs, train_data, cfg, rng, similar, joint)
+            loss, stats = edit_step(me, reqs, rows, cfg, stack, joint)
             (loss / cfg.grad_accum).backward()
             for k, v in stats.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
