@@ -93,7 +93,7 @@ def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits, editor_for=
 def run_batched(model, tok, methods, edits, ks):
     """Run 2: k edits applied as one batch; metrics over all edits."""
     out, unedited = {}, {}
-    for name in ("mend", "ft"):
+    for name in [m for m in ("mend", "ft") if m in methods]:
         for k in ks:
             rep = evaluate(model, tok, methods[name], edits[: max(k, len(edits) // k * k)], batch_size=k,
                            desc=f"batch k={k} {name}", unedited=unedited)  # fmt: skip
@@ -112,10 +112,10 @@ def run_sequential(model, tok, methods, edits, every):
     checkpoints = list(range(every, len(edits) + 1, every))
     # Unedited predictions for each prefix, taken before any edit is applied.
     base = {n: score(model, tok, edits[:n]) for n in checkpoints}
-    methods = methods | {
-        "mend-unanchored": MendEditor(model, tok, methods["mend"].editor, anchored=False)
-    }
-    for name in ("mend", "mend-unanchored", "ft"):
+    if "mend" in methods:
+        paper = MendEditor(model, tok, methods["mend"].editor, anchored=False)
+        methods = methods | {"mend-unanchored": paper}
+    for name in [m for m in ("mend", "mend-unanchored", "ft") if m in methods]:
         results, curve = [], []
         try:
             for i, req in enumerate(tqdm(edits, desc=f"sequential {name}", leave=False)):
@@ -261,14 +261,15 @@ def main(argv=None) -> None:
     ap.add_argument("--datasets", nargs="+", choices=("counterfact", "zsre"),
                     default=["counterfact", "zsre"], help="data sets of the single-edit run")  # fmt: skip
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                    help="methods of the single-edit run (batched and sequential: mend and ft)")  # fmt: skip
+                    help="methods of the single-edit run; batched and sequential runs take mend "
+                    "and ft from them")  # fmt: skip
     args = ap.parse_args(argv)
     if args.merge:
         merge(args.merge, args.name)
         return
-    needs_editor = "mend" in args.methods or {"batched", "sequential"} & set(args.runs)
+    needs_editor = "mend" in args.methods
     if needs_editor and not args.editor:
-        ap.error("--editor is required (unless only --runs single without mend)")
+        ap.error("--editor is required when mend runs (leave it out of --methods otherwise)")
     if args.threads:
         torch.set_num_threads(args.threads)
     n = 10 if args.quick else args.limit
@@ -286,7 +287,8 @@ def main(argv=None) -> None:
         grad_lr = tune_grad_lr(model, tok, tune[:10] if args.quick else tune)
         print(f"grad baseline step size: {grad_lr:g}")
     names = set(args.methods if "single" in args.runs else ())
-    names |= {"mend", "ft"} if {"batched", "sequential"} & set(args.runs) else set()
+    if {"batched", "sequential"} & set(args.runs):
+        names |= {"mend", "ft"} & set(args.methods)
     methods = make_methods(model, tok, args.editor, grad_lr, args.ft_steps,
                            [m for m in METHODS if m in names])  # fmt: skip
     editor_for = {}
