@@ -184,6 +184,43 @@ def test_edit_prints_and_saves_model_and_delta(env, trained, tmp_path, capsys):
     applied.revert()
 
 
+def test_edit_requests_from_a_file_at_once_or_one_by_one(env, trained, tmp_path, capsys):
+    facts = _write_jsonl(tmp_path / "facts.jsonl", env["records"][:3])
+    base, _ = load_model(env["model"])
+    names = [p.name for p in find_editable(base)]
+    changes = {}
+    for mode in ("batched", "one-by-one"):
+        out = tmp_path / mode
+        argv = ["edit", "--model", env["model"], "--editor", str(trained), "--requests",
+                str(facts), "--save-model", str(out / "m"), "--save-delta", str(out / "d")]  # fmt: skip
+        capsys.readouterr()
+        assert main(argv + (["--one-by-one"] if mode == "one-by-one" else [])) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("prompt: ") == printed.count("after:  ") == 3
+        edited, _ = load_model(str(out / "m"))
+        changes[mode] = {
+            n: edited.get_submodule(n).weight - base.get_submodule(n).weight for n in names
+        }
+        applied = apply_delta(base, out / "d")  # the delta file holds the whole change
+        for n in names:
+            torch.testing.assert_close(
+                base.get_submodule(n).weight, edited.get_submodule(n).weight, rtol=0, atol=1e-6
+            )
+        applied.revert()
+    diff = max((changes["batched"][n] - changes["one-by-one"][n]).abs().max() for n in names)
+    assert diff > 1e-4  # the two modes are different edits
+
+
+def test_edit_needs_one_fact_or_a_file(env, trained, tmp_path, capsys):
+    head = ["edit", "--model", env["model"], "--editor", str(trained)]
+    facts = str(_write_jsonl(tmp_path / "facts.jsonl", env["records"][:2]))
+    _fails(capsys, [*head, "--prompt", PROMPT], "--prompt and --target")
+    _fails(capsys, [*head, "--prompt", PROMPT, "--target", TARGET, "--requests", facts], "either")
+    _fails(capsys, [*head, "--prompt", PROMPT, "--target", TARGET, "--one-by-one"], "--requests")
+    _fails(capsys, [*head, "--requests", str(tmp_path / "missing.jsonl")], "missing.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["facts.jsonl"]
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 

@@ -116,12 +116,22 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1, help="edits applied together")
     e.add_argument("--out", required=True, help="report JSON path")
 
-    d = sub.add_parser("edit", help="edit one fact and show the answer before and after")
+    d = sub.add_parser("edit", help="edit facts and show the answers before and after")
     _common(d)
     d.add_argument("--editor", required=True)
     _boost_flag(d)
-    d.add_argument("--prompt", required=True)
-    d.add_argument("--target", required=True)
+    d.add_argument("--prompt", help="the prompt of one edit (with --target)")
+    d.add_argument("--target")
+    d.add_argument(
+        "--requests", metavar="FILE",
+        help="edit every record of this file instead (CounterFact, zsRE or JSONL): one batched "
+        "edit, or one edit after another with --one-by-one",
+    )  # fmt: skip
+    d.add_argument(
+        "--one-by-one", action="store_true",
+        help="with --requests: apply the edits in turn (anchored: each computed on the unedited "
+        "weights and checked in the model as it is then)",
+    )  # fmt: skip
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.add_argument("--save-model", help="save the edited model to this folder")
     d.add_argument("--save-delta", help="save only the weight change (safetensors)")
@@ -239,25 +249,48 @@ def cmd_eval(args) -> int:
 
 
 def cmd_edit(args) -> int:
+    from tqdm import tqdm
+
     from mend.data.collate import context_length, encode
     from mend.models.forward import greedy
+    from mend.result import save_delta
     from mend.types import EditRequest
 
+    one = args.prompt is not None and args.target is not None
+    if one == (args.requests is not None) or (args.prompt is None) != (args.target is None):
+        raise MendError("give either --prompt and --target, or --requests FILE")
+    if args.one_by_one and args.requests is None:
+        raise MendError("--one-by-one needs --requests FILE")
     model, tok = _load(args)
     method = _mend_editor(args, model, tok)
-    encode(tok, args.prompt, args.target, context_length(model))
-    before = greedy(model, tok, args.prompt, args.max_new_tokens)
-    result = method.edit([EditRequest(args.prompt, args.target)])
-    after = greedy(model, tok, args.prompt, args.max_new_tokens)
-    print(f"prompt: {args.prompt}")
-    print(f"before: {before!r}")
-    print(f"after:  {after!r}")
-    print(f"edit took {result.seconds * 1000:.1f} ms")
+    if args.requests is not None:
+        requests = _load_data(args.requests, tok, model)
+    else:
+        encode(tok, args.prompt, args.target, context_length(model))
+        requests = [EditRequest(args.prompt, args.target)]
+    before = [greedy(model, tok, r.prompt, args.max_new_tokens) for r in requests]
+    if args.one_by_one:
+        results = [method.edit([r]) for r in tqdm(requests, desc="edit", leave=False)]
+    else:
+        results = [method.edit(requests)]
+    for r, b in zip(requests, before, strict=True):
+        print(f"prompt: {r.prompt}")
+        if len(requests) > 1:
+            print(f"target: {r.target!r}")
+        print(f"before: {b!r}")
+        print(f"after:  {greedy(model, tok, r.prompt, args.max_new_tokens)!r}")
+    seconds = sum(r.seconds for r in results)
+    what = f"{len(requests)} edits" + (" one by one" if args.one_by_one else "")
+    print(f"{what if len(requests) > 1 else 'edit'} took {seconds * 1000:.1f} ms")
     if args.save_model:
-        result.save_pretrained(args.save_model, tok)
+        results[-1].save_pretrained(args.save_model, tok)
         print(f"saved edited model to {args.save_model}")
     if args.save_delta:
-        result.save_delta(args.save_delta)
+        if len(results) == 1:
+            results[0].save_delta(args.save_delta)
+        else:  # the sum of the edits applied one by one
+            deltas = {n: sum(r.deltas[n] for r in results) for n in results[0].deltas}
+            save_delta(args.save_delta, model, deltas)
         print(f"saved weight delta to {args.save_delta}")
     return 0
 

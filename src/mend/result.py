@@ -156,9 +156,14 @@ class EditResult:
 
     def save_delta(self, path: str | Path) -> None:
         """Export only the weight change as safetensors (apply it with `apply_delta`)."""
-        tensors = {f"{n}.weight": d.detach().float().contiguous() for n, d in self.deltas.items()}
-        meta = {"format": DELTA_FORMAT, "model": str(self.model.config.name_or_path)}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        save_delta(path, self.model, self.deltas)
+
+
+def save_delta(path: str | Path, model, deltas: dict[str, torch.Tensor]) -> None:
+    """Write {weight name: change} (in each weight's layout) for `apply_delta`, atomically."""
+    tensors = {f"{n}.weight": d.detach().float().contiguous() for n, d in deltas.items()}
+    meta = {"format": DELTA_FORMAT, "model": str(model.config.name_or_path)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def apply_delta(model, path: str | Path) -> EditResult:
