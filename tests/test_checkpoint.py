@@ -266,6 +266,24 @@ def test_atomic_writes_leave_no_temp_files(setup, ckpt, monkeypatch):
     load_editor(ckpt, model)
 
 
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from mend.result import atomic_dir, atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f.json", lambda tmp: Path(tmp).write_text("{}"))
+        folder, commit = atomic_dir(tmp_path / "model")
+        (folder / "config.json").write_text("{}")
+        commit()
+    finally:
+        os.umask(old)
+    # like open() and mkdir() under umask 022, not tempfile's private 0600 / 0700
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
 # --------------------------------------------------------------------------- edit results
 
 

@@ -17,6 +17,14 @@ from mend.models.params import EditableParam
 DELTA_FORMAT = "mend-delta-v1"
 
 
+def _usual_mode(folder: bool) -> int:
+    """The permissions a plain open() / mkdir() would give under the current umask (tempfile
+    makes its files 0600 and folders 0700, which would hide checkpoints from other users)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def atomic_dir(path: str | Path):
     """A temporary sibling folder for `path` and a function that moves it into place."""
     path = Path(path)
@@ -24,6 +32,7 @@ def atomic_dir(path: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
 
     def commit():
+        tmp.chmod(_usual_mode(folder=True))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -39,6 +48,7 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _usual_mode(folder=False))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
