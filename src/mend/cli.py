@@ -279,9 +279,10 @@ def cmd_edit(args) -> int:
             print(f"target: {r.target!r}")
         print(f"before: {b!r}")
         print(f"after:  {greedy(model, tok, r.prompt, args.max_new_tokens)!r}")
-    seconds = sum(r.seconds for r in results)
-    what = f"{len(requests)} edits" + (" one by one" if args.one_by_one else "")
-    print(f"{what if len(requests) > 1 else 'edit'} took {seconds * 1000:.1f} ms")
+    seconds = sum(res.seconds for res in results)
+    what = "edit" if len(requests) == 1 else f"{len(requests)} edits"
+    how = " one by one" if args.one_by_one else (" as one batch" if len(requests) > 1 else "")
+    print(f"{what}{how} took {seconds * 1000:.1f} ms")
     if args.save_model:
         results[-1].save_pretrained(args.save_model, tok)
         print(f"saved edited model to {args.save_model}")
@@ -289,7 +290,7 @@ def cmd_edit(args) -> int:
         if len(results) == 1:
             results[0].save_delta(args.save_delta)
         else:  # the sum of the edits applied one by one
-            deltas = {n: sum(r.deltas[n] for r in results) for n in results[0].deltas}
+            deltas = {n: sum(res.deltas[n] for res in results) for n in results[0].deltas}
             save_delta(args.save_delta, model, deltas)
         print(f"saved weight delta to {args.save_delta}")
     return 0
