@@ -1,4 +1,4 @@
-"""Benchmark scripts stay runnable: the GPU scale script's --tiny mode on CPU."""
+"""Benchmark scripts stay runnable: gpu_scale --tiny on CPU, compare.py's runs and merging."""
 
 from __future__ import annotations
 
@@ -56,3 +56,30 @@ def test_compare_merges_its_parts_and_mend_eval_rows_into_one_table(tmp_path, mo
         in table
     )
     assert "| zsre | mend | 0.900 | 0.500 | 0.750 | 1.000 | 0.500 | - | - | - | 0.2500 |" in table
+
+
+def test_compare_sequential_and_batched_runs_score_every_checkpoint(tokenizer):
+    import torch
+    from conftest import fact_requests, tiny_model
+
+    from mend.baselines import FTEditor
+    from mend.config import EditorConfig
+    from mend.edit import MendEditor
+    from mend.editor import Editor
+    from mend.models import find_editable
+
+    compare = _load("compare")
+    model = tiny_model("llama", len(tokenizer))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = {p.name: p.in_out for p in find_editable(model)}
+    mend = MendEditor(model, tokenizer, Editor(shapes, EditorConfig(rank=8, init_alpha=0.05)))
+    edits = fact_requests(4)
+    seq = compare.run_sequential(model, tokenizer, {"mend": mend}, edits, every=2)
+    assert list(seq) == ["mend", "mend-unanchored"]  # ft only when asked for
+    assert all([row["n"] for row in curve] == [2, 4] for curve in seq.values())
+    methods = {"mend": mend, "ft": FTEditor(model, tokenizer, max_steps=3)}
+    batched = compare.run_batched(model, tokenizer, methods, edits, ks=[1, 2])
+    assert {m: sorted(r) for m, r in batched.items()} == {"mend": [1, 2], "ft": [1, 2]}
+    assert all(0 <= r["rewrite_acc"] <= 1 for rows in batched.values() for r in rows.values())
+    for k, v in model.state_dict().items():  # every run reverted its edits exactly
+        assert torch.equal(v, original[k]), k
