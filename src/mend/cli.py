@@ -256,8 +256,8 @@ def cmd_edit(args) -> int:
     from mend.result import save_delta
     from mend.types import EditRequest
 
-    one = args.prompt is not None and args.target is not None
-    if one == (args.requests is not None) or (args.prompt is None) != (args.target is None):
+    no_fact = args.prompt is None
+    if no_fact != (args.target is None) or no_fact == (args.requests is None):
         raise MendError("give either --prompt and --target, or --requests FILE")
     if args.one_by_one and args.requests is None:
         raise MendError("--one-by-one needs --requests FILE")
@@ -269,6 +269,8 @@ def cmd_edit(args) -> int:
         encode(tok, args.prompt, args.target, context_length(model))
         requests = [EditRequest(args.prompt, args.target)]
     before = [greedy(model, tok, r.prompt, args.max_new_tokens) for r in requests]
+    # edits swap new tensors in, so these references keep the unedited weights for free
+    unedited = {p.name: p.weight.detach() for p in method.params}
     if args.one_by_one:
         results = [method.edit([r]) for r in tqdm(requests, desc="edit", leave=False)]
     else:
@@ -289,8 +291,8 @@ def cmd_edit(args) -> int:
     if args.save_delta:
         if len(results) == 1:
             results[0].save_delta(args.save_delta)
-        else:  # the sum of the edits applied one by one
-            deltas = {n: sum(res.deltas[n] for res in results) for n in results[0].deltas}
+        else:  # everything the edits applied one by one changed
+            deltas = {p.name: p.weight.detach() - unedited[p.name] for p in method.params}
             save_delta(args.save_delta, model, deltas)
         print(f"saved weight delta to {args.save_delta}")
     return 0
