@@ -202,8 +202,8 @@ def test_joint_training_rows_see_exactly_the_batched_edit(tokenizer):
     assert rows.gen_group == [0, 0, 0, 0, 1, 1, 1, 1]  # prompt + rephrase of edits 0-1, 2-3
     stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
     with torch.no_grad():
-        fast = _forward_fast(me, stack, reqs, rows, joint=2)[0]
-        ref = _forward_reference(me, reqs, rows, joint=2)[0]
+        fast = _forward_fast(me, stack, reqs, rows, joint=2)[1]
+        ref = _forward_reference(me, reqs, rows, joint=2)[1]
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
     gen = me.batch(rows.gen, rows.gen_group)
     first_pair = gen.group[gen.pos_row] == 0
@@ -216,3 +216,39 @@ def test_joint_training_rows_see_exactly_the_batched_edit(tokenizer):
     with torch.no_grad():
         unedited = scored_logits(model, gen)
     assert (in_place[first_pair] - unedited[first_pair]).abs().max() > 1e-2  # the edit took
+
+
+def test_edit_size_is_the_dense_change_norm_and_enters_the_loss(tokenizer):
+    """`edit_size` (from Gram matrices of the factors) equals the norm of each materialised
+    Delta W relative to its weight, and --c-size adds exactly c_size times it to the loss."""
+    from conftest import tiny_model
+
+    from mend.train import edit_size
+
+    model = tiny_model("gpt2", len(tokenizer)).requires_grad_(False)  # Conv1D: stored (in, out)
+    params = find_editable(model)
+    torch.manual_seed(0)
+    editor = Editor({p.name: p.in_out for p in params}, EditorConfig(rank=8, init_alpha=0.05))
+    with torch.no_grad():
+        for prm in editor.parameters():
+            prm.add_(0.02 * torch.randn_like(prm))
+    me = MendEditor(model, tokenizer, editor.eval(), boost=())
+    reqs = fact_requests(6)
+    with torch.no_grad():
+        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=2)
+    dense = [
+        sum(
+            float(delta.square().sum() / p.weight.square().sum())
+            for p, delta in zip(params, me.weight_deltas(factors, g).values(), strict=True)
+        )
+        for g in range(3)
+    ]
+    assert min(dense) > 0
+    assert abs(float(edit_size(me, factors)) - sum(dense) / 3) < 1e-5 * sum(dense)
+
+    rows = build_rows(reqs[:4], reqs, TrainConfig(loc_per_edit=1), random.Random(0))
+    stats = [
+        edit_step(me, reqs[:4], rows, TrainConfig(loc_per_edit=1, c_size=c))[1] for c in (0, 3)
+    ]
+    assert stats[0]["rel_change"] > 0
+    assert abs(stats[1]["loss"] - stats[0]["loss"] - 3 * stats[0]["rel_change"]) < 1e-5

@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         "--c-gap", type=float, default=0.0,
         help="weight of a hinge keeping unedited predictions the argmax on locality inputs",
     )  # fmt: skip
+    t.add_argument(
+        "--c-size", type=float, default=0.0,
+        help="weight of the edit's size (sum of ||Delta W||^2 / ||W||^2 over edited weights)",
+    )  # fmt: skip
     t.add_argument("--loc-per-edit", type=int, default=4, help="extra locality inputs per edit")
     t.add_argument("--cosine", action="store_true", help="cosine-decay lr to 10%% at --max-steps")
     t.add_argument(
@@ -182,7 +186,9 @@ def cmd_train(args) -> int:
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
         joint_edits=args.joint_edits, joint_fraction=args.joint_fraction, init_editor=args.init,
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
-        val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, c_gap=args.c_gap, seed=args.seed,
+        val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, c_gap=args.c_gap,
+        c_size=args.c_size,
+        seed=args.seed,
         loc_per_edit=args.loc_per_edit, cosine=args.cosine, reference=args.reference,
         row_cache_mb=args.row_cache_mb, select=args.select,
         lower_precision=args.lower_precision, key_text=args.key_text or None,

@@ -87,6 +87,9 @@ class TrainConfig:
     # weight of losses.gap_hinge on the locality rows: keeps unedited predictions the argmax
     # where KL barely sees the change (near-ties); 0 is plain MEND
     c_gap: float = 0.0
+    # weight of the edit's size, sum over edited matrices of ||Delta W||^2 / ||W||^2
+    # (train.edit_size); 0 is plain MEND
+    c_size: float = 0.0
     batch_size: int = 4  # independent single edits per step, run side by side
     # edits per batched edit in training (1: single edits); divides batch_size. Validation
     # always scores single edits.
@@ -146,8 +149,8 @@ class TrainConfig:
             raise MendError(f"shared_rank must be >= 0, got {self.shared_rank}")
         if self.row_cache_mb < 0:
             raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
-        if self.c_edit < 0 or self.c_loc < 0 or self.c_gap < 0:
-            raise MendError("c_edit, c_loc and c_gap must be >= 0")
+        if min(self.c_edit, self.c_loc, self.c_gap, self.c_size) < 0:
+            raise MendError("c_edit, c_loc, c_gap and c_size must be >= 0")
         if self.minutes is not None and not self.minutes > 0:
             raise MendError(f"minutes must be > 0, got {self.minutes}")
 

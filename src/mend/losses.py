@@ -63,6 +63,16 @@ def gap_hinge(base_logits: torch.Tensor, edited_logits: torch.Tensor, tau: float
     return torch.relu(need - top_gap(edited_logits, top)).mean()
 
 
+def relative_change(u: torch.Tensor, d: torch.Tensor, scale, weight_sq) -> torch.Tensor:
+    """||scale * u^T d||_F^2 / weight_sq for each edit group of one matrix: (G,).
+
+    u (G, T, in), d (G, T, out) are an edit's token factors; the Frobenius norm of their
+    outer-product sum comes from the two (T, T) Gram matrices, without forming Delta W.
+    """
+    gram = (u @ u.transpose(1, 2)) * (d @ d.transpose(1, 2))
+    return scale**2 * gram.sum((1, 2)) / weight_sq
+
+
 def edit_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """The loss whose gradient MEND transforms: each row's mean target NLL, summed over rows.
 

@@ -36,7 +36,7 @@ from mend.edit import MendEditor, fit_shared
 from mend.editor.net import Editor
 from mend.errors import MendError
 from mend.grads import capture, key_moments
-from mend.losses import edit_loss, gap_hinge, kl_base_edited, masked_nll
+from mend.losses import edit_loss, gap_hinge, kl_base_edited, masked_nll, relative_change
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable
@@ -178,7 +178,7 @@ def _forward_reference(me: MendEditor, reqs: list[EditRequest], rows: StepRows, 
     if rows.loc:
         with torch.no_grad():
             base = scored_logits(me.model, me.batch(rows.loc, rows.loc_group))
-    return edited, base, rows_of, both.labels[both.pos_mask]
+    return factors, edited, base, rows_of, both.labels[both.pos_mask]
 
 
 def _forward_fast(
@@ -217,7 +217,7 @@ def _forward_fast(
     n_edited = sum(len(h) for h in hidden)
     logits = stack.project_with_base(torch.cat(hidden), base_hidden)
     base = logits[n_edited:].detach() if base_hidden is not None else None
-    return logits[:n_edited], base, torch.cat(rows_of), torch.cat(labels)
+    return factors, logits[:n_edited], base, torch.cat(rows_of), torch.cat(labels)
 
 
 def edit_step(
@@ -239,9 +239,9 @@ def edit_step(
         (loss with graph into the editor, dict of float statistics).
     """
     if stack is None:
-        logits, base, rows_of, labels = _forward_reference(me, reqs, rows, joint)
+        factors, logits, base, rows_of, labels = _forward_reference(me, reqs, rows, joint)
     else:
-        logits, base, rows_of, labels = _forward_fast(me, stack, reqs, rows, joint)
+        factors, logits, base, rows_of, labels = _forward_fast(me, stack, reqs, rows, joint)
     n_gen = len(rows.gen)
     gen_pos = rows_of < n_gen
     l_edit = masked_nll(logits[gen_pos], labels[gen_pos], rows_of[gen_pos], n_gen)
@@ -265,9 +265,22 @@ def edit_step(
         if cfg.c_gap:
             l_gap = gap_hinge(base, edited)
             stats["l_gap"] = l_gap.item()
-    loss = cfg.c_edit * l_edit + cfg.c_loc * l_loc + cfg.c_gap * l_gap
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.c_size > 0):
+        l_size = edit_size(me, factors)
+    stats["rel_change"] = l_size.item()
+    loss = cfg.c_edit * l_edit + cfg.c_loc * l_loc + cfg.c_gap * l_gap + cfg.c_size * l_size
     stats["loss"] = loss.item()
     return loss, stats
+
+
+def edit_size(me: MendEditor, factors) -> torch.Tensor:
+    """Mean over edits of sum over matrices of ||Delta W||_F^2 / ||W||_F^2 (losses.relative_change)."""
+    total = 0
+    for p in me.params:
+        if p.name in factors:
+            w_sq = p.weight.detach().float().square().sum()
+            total = total + relative_change(*factors[p.name], me.editor.alpha(p.name), w_sq)
+    return total.mean()
 
 
 def validate(
