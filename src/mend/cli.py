@@ -187,10 +187,8 @@ def cmd_train(args) -> int:
         joint_edits=args.joint_edits, joint_fraction=args.joint_fraction, init_editor=args.init,
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
         val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, c_gap=args.c_gap,
-        c_size=args.c_size,
-        seed=args.seed,
-        loc_per_edit=args.loc_per_edit, cosine=args.cosine, reference=args.reference,
-        row_cache_mb=args.row_cache_mb, select=args.select,
+        c_size=args.c_size, seed=args.seed, loc_per_edit=args.loc_per_edit, cosine=args.cosine,
+        reference=args.reference, row_cache_mb=args.row_cache_mb, select=args.select,
         lower_precision=args.lower_precision, key_text=args.key_text or None,
         shared_rank=args.shared_rank,
     )  # fmt: skip
