@@ -93,6 +93,7 @@ class MendEditor:
         # Edits swap new storage in and keep the old (EditResult), so holding these aliases
         # costs nothing and stays exact; `moved()` compares storage.
         self._anchor = {p.name: p.weight.data for p in self.params}
+        self._anchor_sq: dict[str, torch.Tensor] = {}
         self.max_len = context_length(model)
         self._spares = WeightPool(protected=self._anchor.values())
         start = UpperStack.first_edited_block(model, editor.names)
@@ -255,6 +256,12 @@ class MendEditor:
             per_slot = scale.repeat_interleave(batch.input_ids.shape[1])[:, None]  # (R S, 1)
             current = {n: (u * per_slot, d) for n, (u, d) in factors.items()}
         return current
+
+    def anchor_norm_sq(self, name: str) -> torch.Tensor:
+        """||W||_F^2 of the edited weight `name` as this editor found it (computed once)."""
+        if name not in self._anchor_sq:
+            self._anchor_sq[name] = self._anchor[name].float().square().sum()
+        return self._anchor_sq[name]
 
     def moved(self) -> bool:
         """Whether the model's edited weights differ from the anchor (an edit is applied)."""

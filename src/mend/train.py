@@ -274,12 +274,15 @@ def edit_step(
 
 
 def edit_size(me: MendEditor, factors) -> torch.Tensor:
-    """Mean over edits of sum over matrices of ||Delta W||_F^2 / ||W||_F^2 (losses.relative_change)."""
+    """Mean over edits of sum over matrices of ||Delta W||_F^2 / ||W||_F^2 (losses.relative_change).
+
+    W is the weight as the editor found it (training never moves it).
+    """
     total = 0
     for p in me.params:
         if p.name in factors:
-            w_sq = p.weight.detach().float().square().sum()
-            total = total + relative_change(*factors[p.name], me.editor.alpha(p.name), w_sq)
+            alpha = me.editor.alpha(p.name)
+            total = total + relative_change(*factors[p.name], alpha, me.anchor_norm_sq(p.name))
     return total.mean()
 
 
