@@ -426,3 +426,59 @@ def test_anchored_edits_take_their_gradient_from_the_anchor_and_add_no_second_sh
     me.edit(reqs[2]).revert()
     me.edit(reqs[3])
     assert all(torch.equal(me._anchor[n], originals[n]) for n in originals)
+
+
+def test_the_check_sees_exactly_the_change_that_lands(tokenizer):
+    """The check scores the change as applied: with its shared part left out of an anchored
+    edit on a moved model, and counted once in a batch (checking the change before that, as
+    an earlier version did, passed anchored edits that then did not hold)."""
+    from mend.edit import fit_shared
+
+    model = tiny_model("llama", len(tokenizer))
+    # boost=(1.0,): exactly one check, of the change that is then applied
+    me = _editor_for(model, tokenizer, boost=(1.0,), init_alpha=0.3)
+    me.check_batches = True
+    reqs = fact_requests(6)
+    bases = fit_shared(me, reqs[3:6], rank=2)
+    checked = []
+    real = me.reaches_target
+    me.reaches_target = lambda f, b, p=None: checked.append(f) or real(f, b, p)
+
+    def landed_as_checked(edit_reqs):
+        before = {p.name: p.weight.detach().clone() for p in me.params}
+        result = me.edit(edit_reqs)
+        expected = me.weight_deltas(checked[-1])
+        for p in me.params:
+            landed = p.weight.detach() - before[p.name]
+            torch.testing.assert_close(landed, expected[p.name], rtol=1e-4, atol=1e-6)
+        return result, expected
+
+    first, _ = landed_as_checked([reqs[0]])
+    for edit_reqs in ([reqs[1]], reqs[1:3]):  # anchored on the moved model: no shared part
+        result, expected = landed_as_checked(edit_reqs)
+        assert all(float((a.T @ expected[n] @ b).norm()) < 1e-4 for n, (a, b) in bases.items())
+        result.revert()
+    first.revert()
+    result, expected = landed_as_checked(reqs[1:3])  # unmoved: a batch keeps 1/2 of it
+    assert all(float((a.T @ expected[n] @ b).norm()) > 1e-3 for n, (a, b) in bases.items())
+    result.revert()
+
+
+def test_anchored_edits_on_an_edited_model_are_unchecked_by_default(tokenizer):
+    """A later anchored edit joins the ones applied, like a request in a batch: by default it
+    gets MEND's change as it comes, while the first edit is scaled up by the check."""
+    model = tiny_model("llama", len(tokenizer))
+    reqs = fact_requests(2)
+    checked = _editor_for(model, tokenizer, boost=(1.5, 2.0), init_alpha=1e-3)
+    plain = MendEditor(model, tokenizer, checked.editor, boost=())
+    assert not _delta_equal(_delta_of(checked, reqs[:1]), _delta_of(plain, reqs[:1]))
+    later = []
+    for me in (checked, plain):
+        first = me.edit(reqs[0])
+        later.append(_delta_of(me, reqs[1:2]))
+        first.revert()
+    assert _delta_equal(*later)
+
+
+def _delta_equal(a, b) -> bool:
+    return all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-8) for n in a)
