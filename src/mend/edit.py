@@ -262,6 +262,12 @@ class MendEditor:
             current = finish({n: (u * per_slot, d) for n, (u, d) in factors.items()})
         return current
 
+    def anchor_norm_sq(self, name: str) -> torch.Tensor:
+        """||W||_F^2 of the edited weight `name` as this editor found it (computed once)."""
+        if name not in self._anchor_sq:
+            self._anchor_sq[name] = self._anchor[name].float().square().sum()
+        return self._anchor_sq[name]
+
     def moved(self) -> bool:
         """Whether the model's edited weights differ from the anchor (an edit is applied)."""
         return any(p.weight.data_ptr() != self._anchor[p.name].data_ptr() for p in self.params)
