@@ -197,6 +197,8 @@ def test_edit_requests_from_a_file_at_once_or_one_by_one(env, trained, tmp_path,
         assert main(argv + (["--one-by-one"] if mode == "one-by-one" else [])) == 0
         printed = capsys.readouterr().out
         assert printed.count("prompt: ") == printed.count("after:  ") == 3
+        reached = int(printed.split("targets reached: ")[1].split(" of 3")[0])
+        assert reached + printed.count("(target not reached)") == 3
         edited, _ = load_model(str(out / "m"))
         changes[mode] = {
             n: edited.get_submodule(n).weight - base.get_submodule(n).weight for n in names

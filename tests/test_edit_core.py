@@ -482,3 +482,24 @@ def test_anchored_edits_on_an_edited_model_are_unchecked_by_default(tokenizer):
 
 def _delta_equal(a, b) -> bool:
     return all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-8) for n in a)
+
+
+def test_holds_reads_on_the_edited_weights_what_the_check_read_under_the_edit(tokenizer):
+    """`holds` (a plain forward of the edited model) agrees with the check's verdict on the
+    functional edit (upper blocks rerun from recorded inputs), whether the target is reached
+    or not."""
+    model = tiny_model("llama", len(tokenizer))
+    verdicts, seen = [], set()
+    for alpha in (1e-3, 0.3, 3.0):
+        me = _editor_for(model, tokenizer, boost=(1.0,), init_alpha=alpha)  # one check
+        real = me.reaches_target
+        me.reaches_target = lambda f, b, p=None, real=real: (
+            verdicts.append(real(f, b, p)) or verdicts[-1]
+        )
+        for req in fact_requests(4):
+            result = me.edit(req)
+            checked = bool(verdicts[-1][0])
+            assert me.holds([req]) == [checked]
+            seen.add(checked)
+            result.revert()
+    assert seen == {True, False}

@@ -279,16 +279,19 @@ def cmd_edit(args) -> int:
         results = [method.edit([r]) for r in tqdm(requests, desc="edit", leave=False)]
     else:
         results = [method.edit(requests)]
-    for r, b in zip(requests, before, strict=True):
+    holds = method.holds(requests)  # every target token the argmax after its prompt
+    for r, b, ok in zip(requests, before, holds, strict=True):
         print(f"prompt: {r.prompt}")
         if len(requests) > 1:
             print(f"target: {r.target!r}")
         print(f"before: {b!r}")
-        print(f"after:  {greedy(model, tok, r.prompt, args.max_new_tokens)!r}")
+        after = greedy(model, tok, r.prompt, args.max_new_tokens)
+        print(f"after:  {after!r}" + ("" if ok else "  (target not reached)"))
     seconds = sum(res.seconds for res in results)
     what = "edit" if len(requests) == 1 else f"{len(requests)} edits"
     how = " one by one" if args.one_by_one else (" as one batch" if len(requests) > 1 else "")
-    print(f"{what}{how} took {seconds * 1000:.1f} ms")
+    reached = f"targets reached: {sum(holds)} of {len(holds)}"
+    print(f"{what}{how} took {seconds * 1000:.1f} ms; {reached}")
     if args.save_model:
         results[-1].save_pretrained(args.save_model, tok)
         print(f"saved edited model to {args.save_model}")

@@ -243,6 +243,13 @@ class MendEditor:
         ok = self._argmax.is_argmax(hidden, labels.clamp_min(0)) | (labels == IGNORE)
         return rows_all(ok, batch.pos_row, len(batch))
 
+    def holds(self, requests: list[EditRequest]) -> list[bool]:
+        """Whether the model as it is now answers each request with its target (every
+        target token the argmax after its prompt): what the check asks, on the weights."""
+        batch = self.batch([(r.prompt, r.target) for r in requests])
+        with torch.no_grad():
+            return self.reaches_target({}, batch).tolist()
+
     def _boosted(self, factors: Factors, batch: TokenBatch, prepared, finish) -> Factors:
         """Scale up each request's share of a batched edit until its target is the argmax.
 
