@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 
@@ -333,7 +334,7 @@ class MendEditor:
                     captured, prepared = self._capture(batch)
                 factors = self.factors(batch, rows_per_edit=None, captured=captured)
                 keep = 0.0 if anchored else 1 / len(requests)
-                finish = lambda f: self._shared_once(f, keep)  # noqa: E731
+                finish = partial(self._shared_once, keep=keep)
                 alone = len(requests) == 1 and not anchored  # joins no other edit
                 if self.boost and (alone or self.check_batches):
                     # (the upper blocks' recorded inputs do not depend on the edited weights)
