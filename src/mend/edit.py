@@ -247,9 +247,14 @@ class MendEditor:
     def holds(self, requests: list[EditRequest]) -> list[bool]:
         """Whether the model as it is now answers each request with its target (every
         target token the argmax after its prompt): what the check asks, on the weights."""
-        batch = self.batch([(r.prompt, r.target) for r in requests])
+        out = []
         with torch.no_grad():
-            return self.reaches_target({}, batch).tolist()
+            for i in range(0, len(requests), 64):  # bounded logits memory for long files
+                chunk = requests[i : i + 64]
+                out += self.reaches_target(
+                    {}, self.batch([(r.prompt, r.target) for r in chunk])
+                ).tolist()
+        return out
 
     def _boosted(self, factors: Factors, batch: TokenBatch, prepared, finish) -> Factors:
         """Scale up each request's share of a batched edit until its target is the argmax.
