@@ -21,10 +21,10 @@ from mend.data import load_checked
 from mend.data.collate import IGNORE, context_length
 from mend.edit import MendEditor
 from mend.evaluate import evaluate
+from mend.files import write_json
 from mend.losses import top_gap
 from mend.metrics import rows_all
 from mend.models import load_model
-from mend.result import write_json
 
 DEFAULT_VARIANTS = [
     "{}",

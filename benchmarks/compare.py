@@ -21,8 +21,8 @@ from mend.data.collate import context_length
 from mend.data.text import read_text
 from mend.edit import MendEditor
 from mend.evaluate import METRICS, evaluate, perplexity, score, summarize
+from mend.files import write_json
 from mend.models import load_model
-from mend.result import write_json
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 SHORT = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "locality",

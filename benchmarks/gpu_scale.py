@@ -24,9 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from mend.config import EditorConfig, TrainConfig
 from mend.edit import MendEditor
 from mend.editor import Editor
+from mend.files import write_json
 from mend.models import find_editable
 from mend.models.upper import UpperStack
-from mend.result import write_json
 from mend.train import build_rows, edit_step
 from mend.types import EditRequest, Probe
 

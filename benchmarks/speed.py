@@ -36,9 +36,9 @@ from mend.data import load_checked
 from mend.data.collate import context_length
 from mend.edit import MendEditor
 from mend.editor import Editor
+from mend.files import write_json
 from mend.models import find_editable, load_model
 from mend.models.upper import RowCache, UpperStack
-from mend.result import write_json
 from mend.train import build_rows, edit_step, similar_index
 
 PROMPT = "The mother tongue of Danielle Darrieux, the French actress, is"  # ~15 tokens

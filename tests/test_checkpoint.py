@@ -269,14 +269,13 @@ def test_atomic_writes_leave_no_temp_files(setup, ckpt, monkeypatch):
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     import os
 
-    from mend.result import atomic_dir, atomic_write
+    from mend.files import atomic_folder, atomic_write
 
     old = os.umask(0o022)
     try:
         atomic_write(tmp_path / "f.json", lambda tmp: Path(tmp).write_text("{}"))
-        folder, commit = atomic_dir(tmp_path / "model")
-        (folder / "config.json").write_text("{}")
-        commit()
+        with atomic_folder(tmp_path / "model") as folder:
+            (folder / "config.json").write_text("{}")
     finally:
         os.umask(old)
     # like open() and mkdir() under umask 022, not tempfile's private 0600 / 0700

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from mend.config import EditorConfig
 from mend.editor.net import Editor
 from mend.errors import MendError
+from mend.files import atomic_write, write_json
 from mend.models.params import find_editable
-from mend.result import atomic_write, write_json
 
 FORMAT = "mend-editor-v1"
 CONFIG_FILE = "editor_config.json"

@@ -234,7 +234,7 @@ def _method(args, model, tok):
 
 def cmd_eval(args) -> int:
     from mend.evaluate import evaluate, format_report
-    from mend.result import write_json
+    from mend.files import write_json
 
     if args.limit is not None and args.limit < 1:
         raise MendError("--limit must be >= 1")

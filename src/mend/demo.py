@@ -11,8 +11,8 @@ from mend.data.collate import context_length
 from mend.edit import MendEditor
 from mend.errors import MendError
 from mend.evaluate import evaluate, format_report
+from mend.files import write_json
 from mend.models.forward import greedy
-from mend.result import write_json
 from mend.train import train
 
 SHOWCASE = 5

@@ -2,57 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mend.errors import MendError
+from mend.files import atomic_folder, atomic_write
 from mend.models.params import EditableParam
 
 DELTA_FORMAT = "mend-delta-v1"
-
-
-def _usual_mode(folder: bool) -> int:
-    """The permissions a plain open() / mkdir() would give under the current umask (tempfile
-    makes its files 0600 and folders 0700, which would hide checkpoints from other users)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if folder else 0o666) & ~umask
-
-
-def atomic_dir(path: str | Path):
-    """A temporary sibling folder for `path` and a function that moves it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-
-    def commit():
-        tmp.chmod(_usual_mode(folder=True))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-
-    return tmp, commit
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path) on a temporary sibling of path, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _usual_mode(folder=False))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class WeightPool:
@@ -154,15 +113,10 @@ class EditResult:
         """Save the edited model (and tokenizer) as a Hugging Face folder, atomically."""
         if self.reverted:
             raise MendError("this edit was reverted; there is no edited model to save")
-        tmp, commit = atomic_dir(path)
-        try:
+        with atomic_folder(path) as tmp:
             self.model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            commit()
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def save_delta(self, path: str | Path) -> None:
         """Export only the weight change as safetensors (apply it with `apply_delta`)."""
@@ -192,13 +146,3 @@ def apply_delta(model, path: str | Path) -> EditResult:
                 f"delta for {p.name} has shape {tuple(tensors[p.name + '.weight'].shape)}, weight has {tuple(p.weight.shape)}"
             )
     return EditResult(model, params, {n: tensors[n + ".weight"] for n in names}, 0.0)
-
-
-def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically."""
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-
-    atomic_write(path, write)
