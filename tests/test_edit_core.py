@@ -428,6 +428,18 @@ def test_anchored_edits_take_their_gradient_from_the_anchor_and_add_no_second_sh
     assert all(torch.equal(me._anchor[n], originals[n]) for n in originals)
 
 
+def _record_checks(me: MendEditor) -> list:
+    """Make `me` record (factors, verdict) of every `reaches_target` call, in order."""
+    checks, real = [], me.reaches_target
+
+    def recording(factors, batch, prepared=None):
+        checks.append((factors, real(factors, batch, prepared)))
+        return checks[-1][1]
+
+    me.reaches_target = recording
+    return checks
+
+
 def test_the_check_sees_exactly_the_change_that_lands(tokenizer):
     """The check scores the change as applied: with its shared part left out of an anchored
     edit on a moved model, and counted once in a batch (checking the change before that, as
@@ -440,14 +452,12 @@ def test_the_check_sees_exactly_the_change_that_lands(tokenizer):
     me.check_batches = True
     reqs = fact_requests(6)
     bases = fit_shared(me, reqs[3:6], rank=2)
-    checked = []
-    real = me.reaches_target
-    me.reaches_target = lambda f, b, p=None: checked.append(f) or real(f, b, p)
+    checks = _record_checks(me)
 
     def landed_as_checked(edit_reqs):
         before = {p.name: p.weight.detach().clone() for p in me.params}
         result = me.edit(edit_reqs)
-        expected = me.weight_deltas(checked[-1])
+        expected = me.weight_deltas(checks[-1][0])
         for p in me.params:
             landed = p.weight.detach() - before[p.name]
             torch.testing.assert_close(landed, expected[p.name], rtol=1e-4, atol=1e-6)
@@ -489,16 +499,13 @@ def test_holds_reads_on_the_edited_weights_what_the_check_read_under_the_edit(to
     functional edit (upper blocks rerun from recorded inputs), whether the target is reached
     or not."""
     model = tiny_model("llama", len(tokenizer))
-    verdicts, seen = [], set()
+    seen = set()
     for alpha in (1e-3, 0.3, 3.0):
         me = _editor_for(model, tokenizer, boost=(1.0,), init_alpha=alpha)  # one check
-        real = me.reaches_target
-        me.reaches_target = lambda f, b, p=None, real=real: (
-            verdicts.append(real(f, b, p)) or verdicts[-1]
-        )
+        checks = _record_checks(me)
         for req in fact_requests(4):
             result = me.edit(req)
-            checked = bool(verdicts[-1][0])
+            checked = bool(checks[-1][1][0])
             assert me.holds([req]) == [checked]
             seen.add(checked)
             result.revert()

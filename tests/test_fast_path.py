@@ -16,6 +16,16 @@ from mend.models.upper import RowCache, UpperStack
 from mend.train import build_rows, edit_step
 
 
+def _perturbed_editor(model, tokenizer, cfg: EditorConfig, **kw) -> MendEditor:
+    """An editor moved off its identity start (seeded), so every parameter gets a gradient."""
+    torch.manual_seed(0)
+    editor = Editor({p.name: p.in_out for p in find_editable(model)}, cfg)
+    with torch.no_grad():
+        for prm in editor.parameters():
+            prm.add_(0.02 * torch.randn_like(prm))
+    return MendEditor(model, tokenizer, editor, **kw)
+
+
 def test_upper_stack_reproduces_the_full_forward(family_model, tokenizer):
     from mend.data.collate import make_batch
 
@@ -137,12 +147,8 @@ def test_fast_and_reference_steps_give_the_same_losses_and_editor_gradients(
     model = family_model.requires_grad_(False)
     params = find_editable(model)
     cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05), loc_per_edit=2, c_gap=0.5)
-    torch.manual_seed(0)
-    editor = Editor({p.name: p.in_out for p in params}, cfg.editor)
-    with torch.no_grad():  # leave the identity start so every parameter gets a gradient
-        for prm in editor.parameters():
-            prm.add_(0.02 * torch.randn_like(prm))
-    me = MendEditor(model, tokenizer, editor)
+    me = _perturbed_editor(model, tokenizer, cfg.editor)
+    editor = me.editor
     pool = fact_requests(30)
     reqs = pool[:3]
     stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
@@ -190,12 +196,8 @@ def test_joint_training_rows_see_exactly_the_batched_edit(tokenizer):
     model = tiny_model("llama", len(tokenizer)).requires_grad_(False)
     params = find_editable(model)
     cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05), loc_per_edit=2, joint_edits=2)
-    torch.manual_seed(0)
-    editor = Editor({p.name: p.in_out for p in params}, cfg.editor)
-    with torch.no_grad():
-        for prm in editor.parameters():
-            prm.add_(0.02 * torch.randn_like(prm))
-    me = MendEditor(model, tokenizer, editor.eval(), boost=())
+    me = _perturbed_editor(model, tokenizer, cfg.editor, boost=())
+    me.editor.eval()
     pool = fact_requests(30)
     reqs = pool[:4]
     rows = build_rows(reqs, pool, cfg, random.Random(3), joint=2)
@@ -227,12 +229,8 @@ def test_edit_size_is_the_dense_change_norm_and_enters_the_loss(tokenizer):
 
     model = tiny_model("gpt2", len(tokenizer)).requires_grad_(False)  # Conv1D: stored (in, out)
     params = find_editable(model)
-    torch.manual_seed(0)
-    editor = Editor({p.name: p.in_out for p in params}, EditorConfig(rank=8, init_alpha=0.05))
-    with torch.no_grad():
-        for prm in editor.parameters():
-            prm.add_(0.02 * torch.randn_like(prm))
-    me = MendEditor(model, tokenizer, editor.eval(), boost=())
+    me = _perturbed_editor(model, tokenizer, EditorConfig(rank=8, init_alpha=0.05), boost=())
+    me.editor.eval()
     reqs = fact_requests(6)
     with torch.no_grad():
         factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=2)
