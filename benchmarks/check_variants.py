@@ -52,10 +52,10 @@ class CheckVariant(MendEditor):
         ok = (top_gap(logp, labels.clamp_min(0)) >= self.margin) | (labels == IGNORE)
         return rows_all(ok, batch.pos_row, len(batch))
 
-    def _boosted(self, factors, batch, prepared):
+    def _boosted(self, factors, batch, prepared, finish):
         if self.start != 1.0:
             factors = {n: (u * self.start, d) for n, (u, d) in factors.items()}
-        return super()._boosted(factors, batch, prepared)
+        return super()._boosted(factors, batch, prepared, finish)
 
 
 def main(argv=None) -> None:

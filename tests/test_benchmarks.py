@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
+    if str(BENCH) not in sys.path:  # the scripts import each other (compare.fmt_row)
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -83,3 +86,59 @@ def test_compare_sequential_and_batched_runs_score_every_checkpoint(tokenizer):
     assert all(0 <= r["rewrite_acc"] <= 1 for rows in batched.values() for r in rows.values())
     for k, v in model.state_dict().items():  # every run reverted its edits exactly
         assert torch.equal(v, original[k]), k
+
+
+def _tiny_mend(tokenizer, cls=None, **kw):
+    from conftest import tiny_model
+
+    from mend.config import EditorConfig
+    from mend.edit import MendEditor
+    from mend.editor import Editor
+    from mend.models import find_editable
+
+    model = tiny_model("llama", len(tokenizer))
+    shapes = {p.name: p.in_out for p in find_editable(model)}
+    editor = Editor(shapes, EditorConfig(rank=8, init_alpha=0.05))
+    return (cls or MendEditor)(model, tokenizer, editor, **kw)
+
+
+def test_check_variants_start_below_scale_one_and_still_edit(tokenizer):
+    from conftest import fact_requests
+
+    variant = _load("check_variants").CheckVariant
+    me = _tiny_mend(tokenizer, variant, start=0.5, boost=(1.0, 1.5))
+    plain = _tiny_mend(tokenizer, boost=())  # MEND's change, unchecked
+    plain.editor.load_state_dict(me.editor.state_dict())
+    req = fact_requests(1)
+    a = me.edit(req)
+    variant_deltas = {n: d.clone() for n, d in a.deltas.items()}
+    a.revert()
+    b = plain.edit(req)
+    ratios = {float(d.norm() / b.deltas[n].norm()) for n, d in variant_deltas.items()}
+    # one scale for every weight: 0.5, then 1.0 and 1.5 of the plain change
+    assert len({round(r, 4) for r in ratios}) == 1
+    assert min(abs(ratios.pop() - s) for s in (0.5, 1.0, 1.5)) < 1e-4
+
+
+def test_shielded_edits_leave_the_nearest_known_facts_inputs_unchanged(tokenizer):
+    import torch
+    from conftest import fact_requests
+
+    probe = _load("locality_probe")
+    facts = fact_requests(8)
+    plain = _tiny_mend(tokenizer, boost=())
+    bank = probe.KeyBank(plain, facts[4:], progress=False)
+    shielded = probe.Shielded(
+        plain.model, tokenizer, plain.editor, bank=bank, m=4, beta=1.0, lam=1e-6, boost=()
+    )
+    keys = bank.keys  # all 4 facts are the nearest 4
+    for req in facts[:2]:
+        with torch.no_grad():
+            d_plain = plain.edit([req])
+            moved_plain = {n: (d @ keys[n].T).norm() for n, d in d_plain.deltas.items()}
+            d_plain.revert()
+            d_shield = shielded.edit([req])
+            for n, d in d_shield.deltas.items():
+                assert float((d @ keys[n].T).norm()) < 1e-3 * float(moved_plain[n])
+                assert float(d.norm()) > 0.1 * float(d_plain.deltas[n].norm())  # not erased
+            d_shield.revert()
