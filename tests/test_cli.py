@@ -126,6 +126,34 @@ def test_fit_shared_refits_an_editor_in_place_and_batched_eval_uses_it(env, trai
     assert json.loads(report.read_text())["n_edits"] == 3
 
 
+def test_fit_shield_stores_a_bank_that_eval_and_edit_shield_with(env, trained, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    editor = tmp_path / "editor"
+    shutil.copytree(trained, editor)
+    plain_out, shielded_out = tmp_path / "plain", tmp_path / "shielded"
+    assert main(_edit_argv(env, editor, plain_out, env["records"][0]["prompt"])) == 0
+    _fails(capsys, _eval_argv(env, editor, tmp_path / "r.json") + ["--shield", "1"], "no key bank")
+    argv = ["fit-shield", "--model", env["model"], "--editor", str(editor), "--data", env["data"],
+            "--limit", "20", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert "key bank of 20 facts" in capsys.readouterr().out
+    assert (editor / "key_bank.safetensors").is_file()
+    _fails(capsys, _eval_argv(env, editor, tmp_path / "r.json") + ["--shield", "0"], "beta")
+    assert not (tmp_path / "r.json").exists()
+    report = tmp_path / "shielded.json"
+    assert main(_eval_argv(env, editor, report) + ["--shield", "0.5"]) == 0
+    assert json.loads(report.read_text())["n_edits"] == 3
+    argv = _edit_argv(env, editor, shielded_out, env["records"][0]["prompt"])
+    assert main(argv + ["--shield", "1", "--shield-facts", "4"]) == 0
+    a, b = (load_file(str(out / "d.safetensors")) for out in (plain_out, shielded_out))
+    assert a.keys() == b.keys()
+    assert all(not torch.equal(a[k], b[k]) for k in a)  # the shield changed every matrix
+
+
 def test_eval_reports_every_metric(env, trained, tmp_path, capsys):
     report_path = tmp_path / "r.json"
     argv = ["eval", "--model", env["model"], "--editor", str(trained), "--data", env["data"],

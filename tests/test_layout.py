@@ -12,7 +12,7 @@ LAYER = {
     "errors": 0, "config": 1, "types": 1, "files": 1,
     "models": 2, "editor": 2, "data": 2,
     "losses": 3, "grads": 3, "result": 3,
-    "metrics": 4,
+    "metrics": 4, "shield": 4,
     "edit": 5, "checkpoint": 5, "baselines": 5,
     "plots": 5,
     "evaluate": 6, "train": 6,

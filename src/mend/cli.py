@@ -25,6 +25,12 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
         "to its prompt (default: 1.5 2; none given: apply MEND's change unchecked; batched "
         "edits, --batch-size > 1, are applied unchecked)",
     )  # fmt: skip
+    p.add_argument(
+        "--shield", type=float, default=None, metavar="BETA",
+        help="keep BETA (0-1] of each edit off the inputs of the known facts nearest it, from "
+        "the editor's key bank (`mend fit-shield`; see mend/shield.py). Default: off",
+    )  # fmt: skip
+    p.add_argument("--shield-facts", type=int, default=16, help="nearest facts to shield")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--limit", type=int, default=64)
     f.add_argument("--rank", type=int, default=16, help="rank of the shared part")
 
+    s = sub.add_parser(
+        "fit-shield", help="store the known facts an edit can be shielded from (--shield)"
+    )
+    _common(s)
+    s.add_argument("--editor", required=True, help="editor checkpoint folder (bank saved in it)")
+    s.add_argument("--data", required=True, help="known facts: prompts with their true answers")
+    s.add_argument("--limit", type=int, default=3000, help="how many of them")
+
     m = sub.add_parser("demo", help="train a small editor on CounterFact, then edit and score")
     _common(m)
     m.add_argument("--minutes", type=float, default=8.0)
@@ -212,7 +226,16 @@ def _mend_editor(args, model, tok):
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
 
-    return MendEditor(model, tok, load_editor(args.editor, model), boost=args.boost)
+    editor = load_editor(args.editor, model)
+    shield = None
+    if args.shield is not None:
+        from mend.models import find_editable
+        from mend.shield import BANK_FILE, KeyBank, Shield
+
+        params = find_editable(model, editor.names)
+        bank = KeyBank.load(Path(args.editor) / BANK_FILE, params)
+        shield = Shield(bank, m=args.shield_facts, beta=args.shield)
+    return MendEditor(model, tok, editor, boost=args.boost, shield=shield)
 
 
 def _method(args, model, tok):
@@ -320,6 +343,25 @@ def cmd_fit_shared(args) -> int:
     return 0
 
 
+def cmd_fit_shield(args) -> int:
+    from mend.checkpoint import load_editor
+    from mend.edit import MendEditor
+    from mend.shield import BANK_FILE, KeyBank
+
+    if args.limit < 1:
+        raise MendError("--limit must be >= 1")
+    model, tok = _load(args)
+    me = MendEditor(model, tok, load_editor(args.editor, model))
+    data = _load_data(args.data, tok, model, args.limit)
+    facts = [(r.prompt, r.target_true) for r in data if r.target_true]
+    if not facts:
+        raise MendError(f"{args.data} has no true answers (target_true) to shield")
+    bank = KeyBank.build(model, tok, me.params, facts, me.max_len, progress=True)
+    bank.save(Path(args.editor) / BANK_FILE)
+    print(f"{args.editor}: key bank of {len(facts)} facts ({len(bank.owner)} inputs) saved")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mend.demo import run_demo
 
@@ -333,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     handler = {"train": cmd_train, "eval": cmd_eval, "edit": cmd_edit, "demo": cmd_demo,
-               "fit-shared": cmd_fit_shared}[args.cmd]  # fmt: skip
+               "fit-shared": cmd_fit_shared, "fit-shield": cmd_fit_shield}[args.cmd]  # fmt: skip
     try:
         return handler(args)
     except MendError as e:

@@ -31,6 +31,7 @@ from mend.models.head import HeadArgmax
 from mend.models.params import find_editable
 from mend.models.upper import Prepared, UpperStack
 from mend.result import EditResult, WeightPool
+from mend.shield import Shield, first_scored_inputs
 from mend.types import EditRequest
 
 # {weight name: (u~ (G, T, in), delta~ (G, T, out))}: G edit groups of T token slots each;
@@ -70,6 +71,8 @@ class MendEditor:
             editor meets gradients of a model it was never trained on and, after a handful of
             edits, makes changes hundreds of times the weights' norm (docs/ARCHITECTURE.md).
             Either way the change is added to the current weights and the check runs on them.
+        shield: a `mend.shield.Shield`: keep each edit off the inputs of the known facts
+            nearest its prompts (applied before the check). None: off.
     """
 
     def __init__(
@@ -80,8 +83,10 @@ class MendEditor:
         boost=DEFAULT_BOOST,
         check_batches: bool = False,
         anchored: bool = True,
+        shield: Shield | None = None,
     ):
         self.model, self.tokenizer, self.editor = model, tokenizer, editor
+        self.shield = shield
         self.boost = tuple(float(s) for s in boost)
         self.check_batches = check_batches
         self.anchored = anchored
@@ -317,6 +322,9 @@ class MendEditor:
             out[name] = (torch.cat([u, u_x], 1), torch.cat([d, d_x], 1))
         return out
 
+    def _shielded(self, factors: Factors, finish, queries: torch.Tensor) -> Factors:
+        return self.shield.project(finish(factors), queries)
+
     def edit(self, requests: list[EditRequest] | EditRequest) -> EditResult:
         """Apply one edit for all requests together (a batched edit), in place.
 
@@ -340,6 +348,13 @@ class MendEditor:
                 factors = self.factors(batch, rows_per_edit=None, captured=captured)
                 keep = 0.0 if anchored else 1 / len(requests)
                 finish = partial(self._shared_once, keep=keep)
+                if self.shield is not None:
+                    u_ref = captured[self.shield.bank.ref][0]
+                    finish = partial(
+                        self._shielded,
+                        finish=finish,
+                        queries=first_scored_inputs(u_ref, batch.pos_mask),
+                    )
                 alone = len(requests) == 1 and not anchored  # joins no other edit
                 if self.boost and (alone or self.check_batches):
                     # (the upper blocks' recorded inputs do not depend on the edited weights)

@@ -1,0 +1,141 @@
+"""Shielding known facts: keep an edit off the inputs of the known facts nearest to it.
+
+MEND's edits of CounterFact facts leak to other subjects with the same relation: most of the
+locality probes an edit changes now answer with the edit's new target (see
+`benchmarks/locality_probe.py`). A `KeyBank` holds, for a set of known facts (a prompt and its
+true answer, e.g. the editor's training records), each edited weight's input at the answer
+positions. A `Shield` finds the `m` facts whose input at the first edited weight is nearest
+the edit prompt's and removes `beta` of the change's action on their inputs:
+
+    Delta W <- Delta W (I - beta K^T (K K^T + lam I)^-1 K),   K: those inputs, one per row.
+
+With beta = 1 the edit leaves those inputs' outputs (nearly) as they were. `MendEditor` applies
+it before its check, so the check sees the shielded change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from mend.data.collate import make_batch
+from mend.errors import MendError
+from mend.files import atomic_write
+from mend.grads import capture
+from mend.models.params import EditableParam
+
+BANK_FILE = "key_bank.safetensors"
+BANK_FORMAT = "mend-key-bank-v1"
+SAME_FACT = 0.999  # a bank fact this close to the edit prompt is the edited fact itself
+
+
+def first_scored_inputs(u: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
+    """(R, in): each row's input at its first scored position (the prompt's last token)."""
+    first = pos_mask.int().argmax(1)
+    return u[torch.arange(len(u), device=u.device), first]
+
+
+class KeyBank:
+    """Edited-weight inputs at the answer positions of known facts.
+
+    Attributes:
+        keys: {weight name: (P, in)} one row per answer position.
+        owner: (P,) the fact each row belongs to.
+        ref: the weight whose inputs decide which facts are nearest (the first edited one).
+    """
+
+    def __init__(self, keys: dict[str, torch.Tensor], owner: torch.Tensor, ref: str):
+        self.keys, self.owner, self.ref = keys, owner, ref
+        first = torch.ones_like(owner, dtype=torch.bool)
+        first[1:] = owner[1:] != owner[:-1]  # rows are grouped by fact, in order
+        ref_keys = keys[ref][first].float()
+        self._unit = ref_keys / ref_keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self._fact = owner[first]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, tokenizer, params: list[EditableParam], facts, max_len: int,
+              chunk: int = 64, progress: bool = False) -> KeyBank:  # fmt: skip
+        """facts: (prompt, true answer) pairs."""
+        if not facts:
+            raise MendError("a key bank needs at least one fact")
+        device = next(model.parameters()).device
+        keys: dict[str, list[torch.Tensor]] = {p.name: [] for p in params}
+        owner = []
+        for i in tqdm(range(0, len(facts), chunk), desc="key bank", disable=not progress):
+            batch = make_batch(tokenizer, facts[i : i + chunk], None, max_len).to(device)
+            captured, _ = capture(model, params, batch, lambda lg: lg.logsumexp(-1).sum())
+            for name, (u, _) in captured.items():
+                keys[name].append(u[batch.pos_mask])
+            owner.append(batch.pos_row + i)
+        return cls({n: torch.cat(v) for n, v in keys.items()}, torch.cat(owner), params[0].name)
+
+    def nearest(self, queries: torch.Tensor, m: int) -> dict[str, torch.Tensor]:
+        """{weight: (rows, in)} the inputs of the m facts nearest each query (Q, in) at the
+        reference weight, leaving out a fact that is the query's own."""
+        q = queries.float().to(self._unit.device)
+        sims = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ self._unit.T  # (Q, F)
+        sims = sims.masked_fill(sims > SAME_FACT, float("-inf"))
+        picked = sims.topk(min(m, sims.shape[1]), dim=1).indices.flatten()
+        rows = torch.isin(self.owner, self._fact[picked])
+        return {n: k[rows].float() for n, k in self.keys.items()}
+
+    def save(self, path: str | Path) -> None:
+        tensors = {f"keys.{n}": k.to(torch.bfloat16).contiguous() for n, k in self.keys.items()}
+        tensors["owner"] = self.owner.contiguous()
+        meta = {"format": BANK_FORMAT, "ref": self.ref}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path, params: list[EditableParam]) -> KeyBank:
+        """Read a bank saved by `save`, checked against the weights it will shield."""
+        path = Path(path)
+        if not path.is_file():
+            raise MendError(f"no key bank at {path} (make one with `mend fit-shield`)")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MendError(f"corrupt key bank {path}: {e}") from None
+        owner = tensors.pop("owner", None)
+        keys = {n.removeprefix("keys."): k for n, k in tensors.items()}
+        want = {p.name: p.in_out[0] for p in params}
+        got = {n: k.shape[1] for n, k in keys.items() if k.dim() == 2}
+        if owner is None or got != want or any(len(k) != len(owner) for k in keys.values()):
+            raise MendError(f"key bank {path} does not fit this model's edited weights")
+        return cls(keys, owner, params[0].name)
+
+
+@dataclass
+class Shield:
+    """Remove `beta` of an edit's action on the inputs of its `m` nearest known facts."""
+
+    bank: KeyBank
+    m: int = 16
+    beta: float = 0.5
+    lam: float = 1e-2  # ridge, relative to the mean squared norm of the shielded inputs
+
+    def __post_init__(self):
+        if self.m < 1 or not 0 < self.beta <= 1 or self.lam <= 0:
+            raise MendError(f"shield needs m >= 1, 0 < beta <= 1, lam > 0 (got {self})")
+
+    def project(self, factors, queries: torch.Tensor):
+        """factors: {weight: (u (G, T, in), d (G, T, out))}, Delta W = sum_t d_t u_t^T per
+        group; queries: (Q, in) the edit prompts' inputs at the reference weight."""
+        near = self.bank.nearest(queries, self.m)
+        out = {}
+        for name, (u, d) in factors.items():
+            k = near[name].to(u.device)  # (n, in)
+            gram = k @ k.T
+            gram = gram + self.lam * gram.diagonal().mean() * torch.eye(len(k), device=k.device)
+            flat = u.reshape(-1, u.shape[-1])
+            coef = torch.linalg.solve(gram, k @ flat.T)  # (n, G T)
+            out[name] = (u - self.beta * (coef.T @ k).reshape(u.shape), d)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Shield(m={self.m}, beta={self.beta}, lam={self.lam}, facts={len(self.bank._fact)})"

@@ -1,0 +1,108 @@
+"""Shielded edits: the nearest known facts' inputs keep their outputs; banks round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import fact_requests, tiny_model
+
+from mend.config import EditorConfig
+from mend.edit import MendEditor
+from mend.editor import Editor
+from mend.errors import MendError
+from mend.models import find_editable
+from mend.shield import KeyBank, Shield
+
+
+def _setup(tokenizer, **kw):
+    model = tiny_model("llama", len(tokenizer))
+    params = find_editable(model)
+    editor = Editor({p.name: p.in_out for p in params}, EditorConfig(rank=8, init_alpha=0.05))
+    plain = MendEditor(model, tokenizer, editor, boost=())
+    facts = fact_requests(8)
+    pairs = [(r.prompt, r.target_true) for r in facts[4:]]
+    bank = KeyBank.build(model, tokenizer, plain.params, pairs, plain.max_len)
+    return plain, facts, bank
+
+
+def _deltas(me: MendEditor, req) -> dict[str, torch.Tensor]:
+    result = me.edit([req])
+    out = {n: d.clone() for n, d in result.deltas.items()}
+    result.revert()
+    return out
+
+
+def test_a_full_shield_leaves_the_nearest_facts_inputs_unchanged(tokenizer):
+    plain, facts, bank = _setup(tokenizer)
+    shielded = MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+                          shield=Shield(bank, m=4, beta=1.0, lam=1e-6))  # fmt: skip
+    for req in facts[:2]:  # the bank's 4 facts are every edit's 4 nearest
+        before, after = _deltas(plain, req), _deltas(shielded, req)
+        for name, k in bank.keys.items():
+            moved = float((before[name] @ k.float().T).norm())
+            assert float((after[name] @ k.float().T).norm()) < 1e-3 * moved
+            assert float(after[name].norm()) > 0.1 * float(before[name].norm())  # not erased
+
+
+def test_half_a_shield_removes_half_the_action_and_the_check_sees_it(tokenizer):
+    plain, facts, bank = _setup(tokenizer)
+    seen = []
+
+    class Recording(MendEditor):
+        def reaches_target(self, factors, batch, prepared=None):
+            seen.append({n: self.weight_deltas(factors)[n] for n in factors})
+            return super().reaches_target(factors, batch, prepared)
+
+    me = Recording(plain.model, tokenizer, plain.editor, boost=(1.5,),
+                   shield=Shield(bank, m=4, beta=0.5, lam=1e-6))  # fmt: skip
+    result = me.edit([facts[0]])
+    landed = {n: d.clone() for n, d in result.deltas.items()}
+    result.revert()
+    before = _deltas(plain, facts[0])
+    checked = seen[0]
+    for name, k in bank.keys.items():
+        k = k.float()
+        ratio = float((checked[name] @ k.T).norm() / (before[name] @ k.T).norm())
+        assert abs(ratio - 0.5) < 1e-3  # the check scored the shielded change
+        boosted = [torch.allclose(landed[name], s * checked[name], atol=1e-7) for s in (1, 1.5)]
+        assert any(boosted)  # and that change (or its boost) landed
+
+
+def test_the_edited_fact_itself_is_never_shielded(tokenizer):
+    plain, facts, _ = _setup(tokenizer)
+    own = KeyBank.build(plain.model, tokenizer, plain.params, [(facts[0].prompt, facts[0].target_true)]
+                        + [(r.prompt, r.target_true) for r in facts[4:]], plain.max_len)  # fmt: skip
+    far = KeyBank.build(plain.model, tokenizer, plain.params,
+                        [(r.prompt, r.target_true) for r in facts[4:]], plain.max_len)  # fmt: skip
+    a = _deltas(MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+                           shield=Shield(own, m=4, beta=1.0)), facts[0])  # fmt: skip
+    b = _deltas(MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+                           shield=Shield(far, m=4, beta=1.0)), facts[0])  # fmt: skip
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
+def test_a_saved_bank_shields_exactly_as_the_built_one(tokenizer, tmp_path):
+    plain, facts, bank = _setup(tokenizer)
+    bank.save(tmp_path / "bank.safetensors")
+    loaded = KeyBank.load(tmp_path / "bank.safetensors", plain.params)
+    torch.testing.assert_close(loaded.owner, bank.owner)
+    bf16 = KeyBank({n: k.to(torch.bfloat16) for n, k in bank.keys.items()}, bank.owner, bank.ref)
+    a, c = (_deltas(MendEditor(plain.model, tokenizer, plain.editor, boost=(), shield=Shield(b)),
+                    facts[0]) for b in (bf16, loaded))  # the file keeps the keys in bf16  # fmt: skip
+    for name in a:
+        assert torch.equal(a[name], c[name])
+
+
+def test_bad_banks_and_settings_are_errors(tokenizer, tmp_path):
+    plain, facts, bank = _setup(tokenizer)
+    with pytest.raises(MendError, match="no key bank"):
+        KeyBank.load(tmp_path / "missing.safetensors", plain.params)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a bank")
+    with pytest.raises(MendError, match="corrupt key bank"):
+        KeyBank.load(tmp_path / "junk.safetensors", plain.params)
+    bank.save(tmp_path / "bank.safetensors")
+    with pytest.raises(MendError, match="does not fit"):
+        KeyBank.load(tmp_path / "bank.safetensors", plain.params[:3])
+    with pytest.raises(MendError, match="beta"):
+        Shield(bank, beta=0.0)
