@@ -13,7 +13,9 @@ K^T (K K^T + lam I)^-1 K), where the rows of K are each edited weight's inputs a
 positions of the m known facts nearest the edit (prompt + true answer, the first --bank records
 of --bank-data; nearness: cosine of the first edited weight's input at the prompt's last
 token). With beta = 1 the edit leaves those inputs' outputs (nearly) unchanged; the check sees
-the shielded change. The unedited model's scores are computed once and shared.
+the shielded change. Known facts whose prompt is one of the evaluated locality probes are left
+out of the bank (a shield on the probe itself would flatter locality). The unedited model's
+scores are computed once and shared.
 """
 
 from __future__ import annotations
@@ -93,11 +95,11 @@ def main(argv=None) -> None:
         report["where_lost"] = where_lost(plain, data)
         print(report["where_lost"])
     known = load_checked(args.bank_data, tok, context_length(model), args.bank)
-    facts = [(r.prompt, r.target_true) for r in known]
+    probes = {p.prompt for r in data for p in r.locality}
+    facts = [(r.prompt, r.target_true) for r in known if r.prompt not in probes]
+    report["probes_left_out_of_bank"] = len(known) - len(facts)  # the bank must not hold them
+    print(f"bank: {len(facts)} facts ({len(known) - len(facts)} left out: locality probes here)")
     bank = KeyBank.build(model, tok, plain.params, facts, plain.max_len, progress=True)
-    report["probes_in_bank"] = len(
-        {p.prompt for r in data for p in r.locality} & {f[0] for f in facts}
-    )
     shared = {}
     for spec in ["off"] + args.shield:
         shield = None
