@@ -84,6 +84,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bank", type=int, default=3000, help="known facts in the key bank")
     ap.add_argument("--shield", nargs="+", default=["16:0.5", "16:1"], metavar="M:BETA")
     ap.add_argument("--skip-where", action="store_true", help="skip part 1")
+    ap.add_argument("--skip-off", action="store_true", help="skip the unshielded edits")
     ap.add_argument("--out", default=None, help="JSON report (default: EDITOR/locality_probe.json)")
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
     print(f"bank: {len(facts)} facts ({len(known) - len(facts)} left out: locality probes here)")
     bank = KeyBank.build(model, tok, plain.params, facts, plain.max_len, progress=True)
     shared = {}
-    for spec in ["off"] + args.shield:
+    for spec in ([] if args.skip_off else ["off"]) + args.shield:
         shield = None
         if spec != "off":
             m, beta = spec.split(":")
