@@ -80,6 +80,13 @@ def test_the_edited_fact_itself_is_never_shielded(tokenizer):
                            shield=Shield(far, m=4, beta=1.0)), facts[0])  # fmt: skip
     for name in a:
         torch.testing.assert_close(a[name], b[name])
+    alone = KeyBank.build(plain.model, tokenizer, plain.params,
+                          [(facts[0].prompt, facts[0].target_true)], plain.max_len)  # fmt: skip
+    c = _deltas(MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+                           shield=Shield(alone, m=4, beta=1.0)), facts[0])  # fmt: skip
+    d = _deltas(plain, facts[0])
+    for name in c:  # a bank of the edited fact alone shields nothing
+        assert torch.equal(c[name], d[name])
 
 
 def test_a_saved_bank_shields_exactly_as_the_built_one(tokenizer, tmp_path):

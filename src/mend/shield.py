@@ -81,7 +81,8 @@ class KeyBank:
         q = queries.float().to(self._unit.device)
         sims = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ self._unit.T  # (Q, F)
         sims = sims.masked_fill(sims > SAME_FACT, float("-inf"))
-        picked = sims.topk(min(m, sims.shape[1]), dim=1).indices.flatten()
+        best = sims.topk(min(m, sims.shape[1]), dim=1)
+        picked = best.indices[best.values > float("-inf")]
         rows = torch.isin(self.owner, self._fact[picked])
         return {n: k[rows].float() for n, k in self.keys.items()}
 
@@ -128,6 +129,8 @@ class Shield:
         group; queries: (Q, in) the edit prompts' inputs at the reference weight."""
         near = self.bank.nearest(queries, self.m)
         out = {}
+        if not len(next(iter(near.values()))):  # the bank holds only the edited facts
+            return factors
         for name, (u, d) in factors.items():
             k = near[name].to(u.device)  # (n, in)
             gram = k @ k.T
