@@ -113,3 +113,16 @@ def test_bad_banks_and_settings_are_errors(tokenizer, tmp_path):
         KeyBank.load(tmp_path / "bank.safetensors", plain.params[:3])
     with pytest.raises(MendError, match="beta"):
         Shield(bank, beta=0.0)
+
+
+def test_batched_edits_are_not_shielded(tokenizer):
+    plain, facts, bank = _setup(tokenizer)
+    shielded = MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+                          shield=Shield(bank, m=4, beta=1.0))  # fmt: skip
+    unshielded = plain.edit(facts[:3])
+    a = {n: d.clone() for n, d in unshielded.deltas.items()}
+    unshielded.revert()
+    b = shielded.edit(facts[:3])
+    for name in a:
+        assert torch.equal(a[name], b.deltas[name])
+    b.revert()

@@ -27,8 +27,9 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--shield", type=float, default=None, metavar="BETA",
-        help="keep BETA (0-1] of each edit off the inputs of the known facts nearest it, from "
-        "the editor's key bank (`mend fit-shield`; see mend/shield.py). Default: off",
+        help="keep BETA (0-1] of each single edit off the inputs of the known facts nearest "
+        "it, from the editor's key bank (`mend fit-shield`; see mend/shield.py); batched "
+        "edits are not shielded. Default: off",
     )  # fmt: skip
     p.add_argument("--shield-facts", type=int, default=16, help="nearest facts to shield")
 

@@ -71,8 +71,10 @@ class MendEditor:
             editor meets gradients of a model it was never trained on and, after a handful of
             edits, makes changes hundreds of times the weights' norm (docs/ARCHITECTURE.md).
             Either way the change is added to the current weights and the check runs on them.
-        shield: a `mend.shield.Shield`: keep each edit off the inputs of the known facts
-            nearest its prompts (applied before the check). None: off.
+        shield: a `mend.shield.Shield`: keep each single edit off the inputs of the known
+            facts nearest its prompt (applied before the check). None: off. Batched edits
+            are not shielded: shielding the union of every request's nearest facts removed
+            the requests' own changes (5 CounterFact edits per batch: rewrite 0.56 -> 0.28).
     """
 
     def __init__(
@@ -348,7 +350,7 @@ class MendEditor:
                 factors = self.factors(batch, rows_per_edit=None, captured=captured)
                 keep = 0.0 if anchored else 1 / len(requests)
                 finish = partial(self._shared_once, keep=keep)
-                if self.shield is not None:
+                if self.shield is not None and len(requests) == 1:
                     u_ref = captured[self.shield.bank.ref][0]
                     finish = partial(
                         self._shielded,
