@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from functools import partial
 
 import torch
 
@@ -324,8 +323,12 @@ class MendEditor:
             out[name] = (torch.cat([u, u_x], 1), torch.cat([d, d_x], 1))
         return out
 
-    def _shielded(self, factors: Factors, finish, queries: torch.Tensor) -> Factors:
-        return self.shield.project(finish(factors), queries)
+    def _shield_of(self, captured: dict, batch: TokenBatch):
+        """The shield of a single edit (identity when off, and for batched edits)."""
+        if self.shield is None or len(batch) != 1:
+            return lambda factors: factors
+        u_ref = captured[self.shield.bank.ref][0]
+        return self.shield.projector(first_scored_inputs(u_ref, batch.pos_mask))
 
     def edit(self, requests: list[EditRequest] | EditRequest) -> EditResult:
         """Apply one edit for all requests together (a batched edit), in place.
@@ -349,14 +352,11 @@ class MendEditor:
                     captured, prepared = self._capture(batch)
                 factors = self.factors(batch, rows_per_edit=None, captured=captured)
                 keep = 0.0 if anchored else 1 / len(requests)
-                finish = partial(self._shared_once, keep=keep)
-                if self.shield is not None and len(requests) == 1:
-                    u_ref = captured[self.shield.bank.ref][0]
-                    finish = partial(
-                        self._shielded,
-                        finish=finish,
-                        queries=first_scored_inputs(u_ref, batch.pos_mask),
-                    )
+                shield = self._shield_of(captured, batch)
+
+                def finish(f: Factors) -> Factors:  # what lands: the check scores exactly it
+                    return shield(self._shared_once(f, keep))
+
                 alone = len(requests) == 1 and not anchored  # joins no other edit
                 if self.boost and (alone or self.check_batches):
                     # (the upper blocks' recorded inputs do not depend on the edited weights)

@@ -15,6 +15,7 @@ it before its check, so the check sees the shielded change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,21 +125,28 @@ class Shield:
         if self.m < 1 or not 0 < self.beta <= 1 or self.lam <= 0:
             raise MendError(f"shield needs m >= 1, 0 < beta <= 1, lam > 0 (got {self})")
 
-    def project(self, factors, queries: torch.Tensor):
-        """factors: {weight: (u (G, T, in), d (G, T, out))}, Delta W = sum_t d_t u_t^T per
-        group; queries: (Q, in) the edit prompts' inputs at the reference weight."""
+    def projector(self, queries: torch.Tensor) -> Callable[[dict], dict]:
+        """The shield of one edit, as a function of its factors {weight: (u (G, T, in),
+        d (G, T, out))}, Delta W = sum_t d_t u_t^T; queries: (Q, in) the edit prompts' inputs
+        at the reference weight. The nearest facts and their ridge solves are found once, so
+        the check's boosts reuse them."""
         near = self.bank.nearest(queries, self.m)
-        out = {}
         if not len(next(iter(near.values()))):  # the bank holds only the edited facts
-            return factors
-        for name, (u, d) in factors.items():
-            k = near[name].to(u.device)  # (n, in)
+            return lambda factors: factors
+        parts = {}
+        for name, k in near.items():  # k: (n, in)
             gram = k @ k.T
             gram = gram + self.lam * gram.diagonal().mean() * torch.eye(len(k), device=k.device)
-            flat = u.reshape(-1, u.shape[-1])
-            coef = torch.linalg.solve(gram, k @ flat.T)  # (n, G T)
-            out[name] = (u - self.beta * (coef.T @ k).reshape(u.shape), d)
-        return out
+            parts[name] = (k, torch.linalg.solve(gram, k))  # K, (K K^T + lam I)^-1 K
+
+        def project(factors: dict) -> dict:
+            out = {}
+            for name, (u, d) in factors.items():
+                k, solved = (t.to(u.device) for t in parts[name])
+                out[name] = (u - self.beta * (u @ k.T) @ solved, d)
+            return out
+
+        return project
 
     def __repr__(self) -> str:
         return f"Shield(m={self.m}, beta={self.beta}, lam={self.lam}, facts={len(self.bank._fact)})"
