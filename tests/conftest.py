@@ -76,6 +76,20 @@ def tiny_model(model_type: str, vocab_size: int, seed: int = 0):
     return model
 
 
+def tiny_mend(tokenizer, cls=None, **kw):
+    """A MendEditor (or subclass `cls`, with its extra `kw`) for a fresh tiny llama, with an
+    identity-initialised rank-8 editor whose step alpha is 0.05."""
+    from mend.config import EditorConfig
+    from mend.edit import MendEditor
+    from mend.editor import Editor
+    from mend.models import find_editable
+
+    model = tiny_model("llama", len(tokenizer))
+    shapes = {p.name: p.in_out for p in find_editable(model)}
+    editor = Editor(shapes, EditorConfig(rank=8, init_alpha=0.05))
+    return (cls or MendEditor)(model, tokenizer, editor, **kw)
+
+
 def fact_requests(n: int, seed: int = 0) -> list[EditRequest]:
     rng = random.Random(seed)
     out = []

@@ -63,19 +63,14 @@ def test_compare_merges_its_parts_and_mend_eval_rows_into_one_table(tmp_path, mo
 
 def test_compare_sequential_and_batched_runs_score_every_checkpoint(tokenizer):
     import torch
-    from conftest import fact_requests, tiny_model
+    from conftest import fact_requests, tiny_mend
 
     from mend.baselines import FTEditor
-    from mend.config import EditorConfig
-    from mend.edit import MendEditor
-    from mend.editor import Editor
-    from mend.models import find_editable
 
     compare = _load("compare")
-    model = tiny_model("llama", len(tokenizer))
+    mend = tiny_mend(tokenizer)
+    model = mend.model
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    shapes = {p.name: p.in_out for p in find_editable(model)}
-    mend = MendEditor(model, tokenizer, Editor(shapes, EditorConfig(rank=8, init_alpha=0.05)))
     edits = fact_requests(4)
     seq = compare.run_sequential(model, tokenizer, {"mend": mend}, edits, every=2)
     assert list(seq) == ["mend", "mend-unanchored"]  # ft only when asked for
@@ -88,26 +83,12 @@ def test_compare_sequential_and_batched_runs_score_every_checkpoint(tokenizer):
         assert torch.equal(v, original[k]), k
 
 
-def _tiny_mend(tokenizer, cls=None, **kw):
-    from conftest import tiny_model
-
-    from mend.config import EditorConfig
-    from mend.edit import MendEditor
-    from mend.editor import Editor
-    from mend.models import find_editable
-
-    model = tiny_model("llama", len(tokenizer))
-    shapes = {p.name: p.in_out for p in find_editable(model)}
-    editor = Editor(shapes, EditorConfig(rank=8, init_alpha=0.05))
-    return (cls or MendEditor)(model, tokenizer, editor, **kw)
-
-
 def test_check_variants_start_below_scale_one_and_still_edit(tokenizer):
-    from conftest import fact_requests
+    from conftest import fact_requests, tiny_mend
 
     variant = _load("check_variants").CheckVariant
-    me = _tiny_mend(tokenizer, variant, start=0.5, boost=(1.0, 1.5))
-    plain = _tiny_mend(tokenizer, boost=())  # MEND's change, unchecked
+    me = tiny_mend(tokenizer, variant, start=0.5, boost=(1.0, 1.5))
+    plain = tiny_mend(tokenizer, boost=())  # MEND's change, unchecked
     plain.editor.load_state_dict(me.editor.state_dict())
     req = fact_requests(1)
     a = me.edit(req)

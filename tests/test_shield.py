@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fact_requests, tiny_model
+from conftest import fact_requests, tiny_mend
 
-from mend.config import EditorConfig
 from mend.edit import MendEditor
-from mend.editor import Editor
 from mend.errors import MendError
-from mend.models import find_editable
 from mend.shield import KeyBank, Shield
 
 
-def _setup(tokenizer, **kw):
-    model = tiny_model("llama", len(tokenizer))
-    params = find_editable(model)
-    editor = Editor({p.name: p.in_out for p in params}, EditorConfig(rank=8, init_alpha=0.05))
-    plain = MendEditor(model, tokenizer, editor, boost=())
+def _setup(tokenizer):
+    plain = tiny_mend(tokenizer, boost=())
     facts = fact_requests(8)
     pairs = [(r.prompt, r.target_true) for r in facts[4:]]
-    bank = KeyBank.build(model, tokenizer, plain.params, pairs, plain.max_len)
+    bank = KeyBank.build(plain.model, tokenizer, plain.params, pairs, plain.max_len)
     return plain, facts, bank
 
 
