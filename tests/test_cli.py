@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, fact_requests, make_tokenizer, tiny_model
+from safetensors.torch import load_file
 from tokenizers import normalizers
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
@@ -210,6 +211,53 @@ def test_edit_prints_and_saves_model_and_delta(env, trained, tmp_path, capsys):
             base.get_submodule(name).weight, edited.get_submodule(name).weight, rtol=0, atol=1e-7
         )
     applied.revert()
+
+
+def test_apply_adds_saved_deltas_without_the_editor(env, trained, tmp_path, capsys):
+    delta = tmp_path / "d.safetensors"
+    argv = ["edit", "--model", env["model"], "--editor", str(trained), "--prompt", PROMPT,
+            "--target", TARGET, "--save-delta", str(delta), "--max-new-tokens", "4"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    edit_lines = capsys.readouterr().out.splitlines()
+    # Applied twice: the prompt's answers, and the saved model holds base + 2 * delta.
+    m3 = tmp_path / "m3"
+    argv = ["apply", "--model", env["model"], "--delta", str(delta), str(delta), "--prompt",
+            PROMPT, "--max-new-tokens", "4", "--save-model", str(m3)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "added 2 delta(s) to" in out and f"saved the model to {m3}" in out
+    before = next(x for x in edit_lines if x.startswith("before: "))
+    assert before in out.splitlines()  # the same unedited answer as `mend edit` printed
+    base, _ = load_model(env["model"])
+    twice, _ = load_model(str(m3))
+    names = {p.name for p in find_editable(base)}
+    saved = load_file(str(delta))
+    for name in names:
+        expected = base.get_submodule(name).weight + 2 * saved[name + ".weight"]
+        torch.testing.assert_close(twice.get_submodule(name).weight, expected, rtol=0, atol=1e-6)
+    for k, v in twice.state_dict().items():
+        if k.removesuffix(".weight") not in names:
+            assert torch.equal(v, base.state_dict()[k]), k
+    # Once, with the answer only: the same after-answer as the edit itself printed.
+    assert main(["apply", "--model", env["model"], "--delta", str(delta), "--prompt", PROMPT,
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    after = next(x for x in edit_lines if x.startswith("after: "))
+    assert after.split("  (target")[0] in capsys.readouterr().out.splitlines()
+
+
+def test_apply_rejects_bad_deltas(env, trained, tmp_path, capsys):
+    head = ["apply", "--model", env["model"]]
+    out = tmp_path / "never"
+    _fails(capsys, head + ["--delta", str(tmp_path / "missing.safetensors"), "--prompt", "x"],
+           "delta file not found", "missing.safetensors")  # fmt: skip
+    _fails(capsys, head + ["--delta", str(trained / "editor.safetensors"), "--save-model",
+           str(out)], "not a mend weight delta")  # fmt: skip
+    (tmp_path / "cut.safetensors").write_bytes(b"\x08\x00\x00")
+    _fails(capsys, head + ["--delta", str(tmp_path / "cut.safetensors"), "--save-model",
+           str(out)], "cannot read delta file")  # fmt: skip
+    _fails(capsys, head + ["--delta", str(trained / "editor.safetensors")], "nothing to do")
+    assert not out.exists()
 
 
 def test_edit_requests_from_a_file_at_once_or_one_by_one(env, trained, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`mend train | eval | edit | demo`: argument parsing and printing only."""
+"""`mend train | eval | edit | apply | demo | fit-*`: argument parsing and printing only."""
 
 from __future__ import annotations
 
@@ -146,6 +146,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.add_argument("--save-model", help="save the edited model to this folder")
     d.add_argument("--save-delta", help="save only the weight change (safetensors)")
+
+    a = sub.add_parser(
+        "apply", help="add saved weight deltas (`mend edit --save-delta`) to a model, no editor"
+    )
+    _common(a)
+    a.add_argument("--delta", required=True, nargs="+", metavar="FILE", help="added in order")
+    a.add_argument("--prompt", nargs="*", default=[], help="prompts to answer before and after")
+    a.add_argument("--max-new-tokens", type=int, default=8)
+    a.add_argument("--save-model", help="save the model with the deltas added to this folder")
 
     f = sub.add_parser(
         "fit-shared", help="fit (or refit) the part of an editor's change that all edits share"
@@ -329,6 +338,30 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def cmd_apply(args) -> int:
+    from mend.models.forward import greedy
+    from mend.result import apply_delta
+
+    if not args.prompt and not args.save_model:
+        raise MendError("nothing to do: give --prompt P ... to answer, or --save-model DIR")
+    for path in args.delta:
+        if not Path(path).is_file():
+            raise MendError(f"delta file not found: {path}")
+    model, tok = _load(args)
+    before = [greedy(model, tok, p, args.max_new_tokens) for p in args.prompt]
+    applied = [apply_delta(model, path) for path in args.delta]
+    for prompt, b in zip(args.prompt, before, strict=True):
+        print(f"prompt: {prompt}")
+        print(f"before: {b!r}")
+        print(f"after:  {greedy(model, tok, prompt, args.max_new_tokens)!r}")
+    changed = {name for result in applied for name in result.deltas}
+    print(f"added {len(applied)} delta(s) to {len(changed)} weights")
+    if args.save_model:
+        applied[-1].save_pretrained(args.save_model, tok)
+        print(f"saved the model to {args.save_model}")
+    return 0
+
+
 def cmd_fit_shared(args) -> int:
     from mend.checkpoint import load_editor, resave_editor
     from mend.edit import MendEditor, fit_shared
@@ -375,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    handler = {"train": cmd_train, "eval": cmd_eval, "edit": cmd_edit, "demo": cmd_demo,
-               "fit-shared": cmd_fit_shared, "fit-shield": cmd_fit_shield}[args.cmd]  # fmt: skip
+    handler = {"train": cmd_train, "eval": cmd_eval, "edit": cmd_edit, "apply": cmd_apply,
+               "demo": cmd_demo, "fit-shared": cmd_fit_shared,
+               "fit-shield": cmd_fit_shield}[args.cmd]  # fmt: skip
     try:
         return handler(args)
     except MendError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mend.errors import MendError
@@ -135,9 +136,13 @@ def apply_delta(model, path: str | Path) -> EditResult:
     from mend.models.params import find_editable
 
     try:
+        with safe_open(str(path), "pt") as f:
+            fmt = (f.metadata() or {}).get("format")
         tensors = load_file(str(path))
     except Exception as e:
         raise MendError(f"cannot read delta file {path}: {e}") from None
+    if fmt != DELTA_FORMAT:
+        raise MendError(f"{path} is not a mend weight delta (format {fmt!r}, not {DELTA_FORMAT!r})")
     names = [k.removesuffix(".weight") for k in tensors]
     params = find_editable(model, names)
     for p in params:
