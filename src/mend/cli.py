@@ -236,16 +236,13 @@ def _mend_editor(args, model, tok):
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
 
-    editor = load_editor(args.editor, model)
-    shield = None
+    me = MendEditor(model, tok, load_editor(args.editor, model), boost=args.boost)
     if args.shield is not None:
-        from mend.models import find_editable
         from mend.shield import BANK_FILE, KeyBank, Shield
 
-        params = find_editable(model, editor.names)
-        bank = KeyBank.load(Path(args.editor) / BANK_FILE, params)
-        shield = Shield(bank, m=args.shield_facts, beta=args.shield)
-    return MendEditor(model, tok, editor, boost=args.boost, shield=shield)
+        bank = KeyBank.load(Path(args.editor) / BANK_FILE, me.params)
+        me.shield = Shield(bank, m=args.shield_facts, beta=args.shield)
+    return me
 
 
 def _method(args, model, tok):

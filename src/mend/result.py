@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mend.errors import MendError
 from mend.files import atomic_folder, atomic_write
@@ -136,9 +136,9 @@ def apply_delta(model, path: str | Path) -> EditResult:
     from mend.models.params import find_editable
 
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one read: the format, then the tensors
             fmt = (f.metadata() or {}).get("format")
-        tensors = load_file(str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:
         raise MendError(f"cannot read delta file {path}: {e}") from None
     if fmt != DELTA_FORMAT:
