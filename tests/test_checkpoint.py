@@ -327,7 +327,7 @@ def test_apply_delta_refuses_other_models_and_bad_files(setup, tok, tmp_path):
     with pytest.raises(MendError, match="unknown weight name"):
         apply_delta(tiny_model("gpt2", len(tok)), tmp_path / "d.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(MendError, match="cannot read delta file"):
+    with pytest.raises(MendError, match="cannot read mend weight delta"):
         apply_delta(model, tmp_path / "junk.safetensors")
 
 

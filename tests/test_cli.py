@@ -255,7 +255,7 @@ def test_apply_rejects_bad_deltas(env, trained, tmp_path, capsys):
            str(out)], "not a mend weight delta")  # fmt: skip
     (tmp_path / "cut.safetensors").write_bytes(b"\x08\x00\x00")
     _fails(capsys, head + ["--delta", str(tmp_path / "cut.safetensors"), "--save-model",
-           str(out)], "cannot read delta file")  # fmt: skip
+           str(out)], "cannot read mend weight delta")  # fmt: skip
     _fails(capsys, head + ["--delta", str(trained / "editor.safetensors")], "nothing to do")
     assert not out.exists()
 

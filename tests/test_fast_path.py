@@ -250,3 +250,40 @@ def test_edit_size_is_the_dense_change_norm_and_enters_the_loss(tokenizer):
     ]
     assert stats[0]["rel_change"] > 0
     assert abs(stats[1]["loss"] - stats[0]["loss"] - 3 * stats[0]["rel_change"]) < 1e-5
+
+
+def test_warmed_cache_serves_every_row_training_draws(tokenizer):
+    from conftest import tiny_model
+
+    from mend.train import similar_index, warm_rows
+
+    model = tiny_model("llama", len(tokenizer))
+    data, val = fact_requests(30, seed=1), fact_requests(8, seed=2)
+    cfg = TrainConfig(editor=EditorConfig(rank=8), batch_size=4, loc_per_edit=4)
+    me = _perturbed_editor(model, tokenizer, cfg.editor)
+    me.editor.eval()  # frozen normalisation: both paths see the same statistics
+    start = UpperStack.first_edited_block(model, [p.name for p in me.params])
+    cache = RowCache(1 << 30)
+    stack = UpperStack(model, start, cache)
+    warm_rows(me, stack, data + val, batch_rows=8, progress=False)
+    warmed = len(cache)
+    assert warmed == cache.misses > len(data) * 3  # edit, paraphrase, own probe, as a probe
+    similar = similar_index(data)
+    for step in range(12):  # training steps (random paraphrase, own and drawn probes) ...
+        rng = random.Random(step)
+        reqs = rng.sample(data, cfg.batch_size)
+        rows = build_rows(reqs, data, cfg, rng, similar)
+        got, _ = edit_step(me, reqs, rows, cfg, stack)
+        want, _ = edit_step(me, reqs, rows, cfg, None)  # the reference path, no cache
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for i in range(0, len(val), 4):  # ... and validation steps
+        edit_step(me, val[i : i + 4], build_rows(val[i : i + 4], val, cfg, None), cfg, stack)
+    assert cache.misses == warmed and cache.hits > 12 * 3 * cfg.batch_size  # never a new row
+    # A full cache stops the warm-up after the batch that filled it.
+    small = RowCache(cache.bytes // 4)
+    warm_rows(me, UpperStack(model, start, small), data + val, batch_rows=8, progress=False)
+    assert small.full and small.misses <= len(small) + 8 < warmed
+    # A warm-up that would outlast its budget stops after its first batch.
+    slow = RowCache(1 << 30)
+    assert not warm_rows(me, UpperStack(model, start, slow), data, 8, budget_s=1e-9, progress=False)
+    assert len(slow) == 8

@@ -100,8 +100,13 @@ def test_bad_banks_and_settings_are_errors(tokenizer, tmp_path):
     with pytest.raises(MendError, match="no key bank"):
         KeyBank.load(tmp_path / "missing.safetensors", plain.params)
     (tmp_path / "junk.safetensors").write_bytes(b"not a bank")
-    with pytest.raises(MendError, match="corrupt key bank"):
+    with pytest.raises(MendError, match="cannot read mend key bank"):
         KeyBank.load(tmp_path / "junk.safetensors", plain.params)
+    edited = plain.edit([facts[0]])
+    edited.save_delta(tmp_path / "delta.safetensors")  # the same weight names, another format
+    edited.revert()
+    with pytest.raises(MendError, match="is not a mend key bank"):
+        KeyBank.load(tmp_path / "delta.safetensors", plain.params)
     bank.save(tmp_path / "bank.safetensors")
     with pytest.raises(MendError, match="does not fit"):
         KeyBank.load(tmp_path / "bank.safetensors", plain.params[:3])

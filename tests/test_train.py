@@ -139,6 +139,8 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
         dict(joint_edits=3),
         dict(joint_edits=0),
         dict(joint_fraction=1.5),
+        dict(c_loc_late=-1),
+        dict(late_fraction=1.5),
     ],  # fmt: skip
 )
 def test_config_rejects_bad_values(bad):
@@ -218,3 +220,25 @@ def test_init_starts_from_a_trained_editor(tmp_path, tokenizer):
     assert moved > 1e-3  # so the check above could fail
     log = [json.loads(x) for x in (tmp_path / "b" / LOG_FILE).read_text().splitlines()]
     assert [x["step"] for x in log if "val" not in x] == [1, 2]
+
+
+def test_late_locality_weight_starts_at_its_fraction_of_the_run(tmp_path, tokenizer):
+    from mend.train import step_config
+
+    cfg = _cfg(
+        max_steps=8,
+        c_loc=1.0,
+        c_loc_late=3.0,
+        late_fraction=0.75,
+        editor=EditorConfig(rank=16, init_alpha=1.0),
+    )  # large edits: a visible l_loc
+    assert [step_config(s, cfg).c_loc for s in range(8)] == [1.0] * 6 + [3.0] * 2
+    assert {step_config(s, _cfg(max_steps=8)).c_loc for s in range(8)} == {1.0}
+    data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
+    train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path, progress=False)
+    log = [json.loads(x) for x in (tmp_path / LOG_FILE).read_text().splitlines()]
+    steps = [x for x in log if "val" not in x]
+    for x in steps:  # the logged loss is c_edit * l_edit + c_loc(step) * l_loc
+        c_loc = 3.0 if x["step"] > 6 else 1.0
+        assert x["loss"] == pytest.approx(cfg.c_edit * x["l_edit"] + c_loc * x["l_loc"], rel=1e-5)
+    assert all(x["l_loc"] > 1e-4 * x["loss"] for x in steps[6:])  # so the weight shows in it

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--val-edits", type=int, default=256)
     t.add_argument("--c-loc", type=float, default=1.0)
+    t.add_argument(
+        "--c-loc-late", type=float, default=0.0,
+        help="locality weight from --late-fraction of --max-steps on (0: --c-loc throughout)",
+    )  # fmt: skip
+    t.add_argument("--late-fraction", type=float, default=0.75)
     t.add_argument("--c-edit", type=float, default=0.1)
     t.add_argument(
         "--c-gap", type=float, default=0.0,
@@ -210,7 +215,8 @@ def cmd_train(args) -> int:
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
         joint_edits=args.joint_edits, joint_fraction=args.joint_fraction, init_editor=args.init,
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
-        val_edits=args.val_edits, c_loc=args.c_loc, c_edit=args.c_edit, c_gap=args.c_gap,
+        val_edits=args.val_edits, c_loc=args.c_loc, c_loc_late=args.c_loc_late,
+        late_fraction=args.late_fraction, c_edit=args.c_edit, c_gap=args.c_gap,
         c_size=args.c_size, seed=args.seed, loc_per_edit=args.loc_per_edit, cosine=args.cosine,
         reference=args.reference, row_cache_mb=args.row_cache_mb, select=args.select,
         lower_precision=args.lower_precision, key_text=args.key_text or None,

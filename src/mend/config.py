@@ -84,6 +84,10 @@ class TrainConfig:
     alpha_lr: float = 1e-2  # on log(alpha): a relative step, see editor/net.py
     c_edit: float = 0.1
     c_loc: float = 1.0
+    # c_loc from step late_fraction * max_steps on (0: c_loc throughout). A high locality
+    # weight holds back an editor that does not edit yet, and pays off raised late
+    c_loc_late: float = 0.0
+    late_fraction: float = 0.75
     # weight of losses.gap_hinge on the locality rows: keeps unedited predictions the argmax
     # where KL barely sees the change (near-ties); 0 is plain MEND
     c_gap: float = 0.0
@@ -149,8 +153,10 @@ class TrainConfig:
             raise MendError(f"shared_rank must be >= 0, got {self.shared_rank}")
         if self.row_cache_mb < 0:
             raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
-        if min(self.c_edit, self.c_loc, self.c_gap, self.c_size) < 0:
-            raise MendError("c_edit, c_loc, c_gap and c_size must be >= 0")
+        if min(self.c_edit, self.c_loc, self.c_loc_late, self.c_gap, self.c_size) < 0:
+            raise MendError("c_edit, c_loc, c_loc_late, c_gap and c_size must be >= 0")
+        if not 0 <= self.late_fraction <= 1:
+            raise MendError(f"late_fraction must be in [0, 1], got {self.late_fraction}")
         if self.minutes is not None and not self.minutes > 0:
             raise MendError(f"minutes must be > 0, got {self.minutes}")
 

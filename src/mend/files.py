@@ -1,4 +1,5 @@
-"""Files written whole or not at all, with the permissions a plain open() or mkdir() gives."""
+"""Files written whole or not at all, with the permissions a plain open() or mkdir() gives;
+tensor files read back only when they are what they claim to be."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from mend.errors import MendError
 
 
 def _usual_mode(folder: bool) -> int:
@@ -60,3 +63,22 @@ def write_json(path: str | Path, data) -> None:
             json.dump(data, f, indent=2)
 
     atomic_write(path, write)
+
+
+def read_tensors(path: str | Path, fmt: str, what: str) -> dict:
+    """All tensors of a safetensors file whose metadata says `format: fmt`, in one read.
+
+    Raises MendError naming `what` (e.g. "delta file") for a file that cannot be read, is
+    corrupt or truncated, or holds something else (such as another mend file type).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            got = (f.metadata() or {}).get("format")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:
+        raise MendError(f"cannot read {what} {path}: {e}") from None
+    if got != fmt:
+        raise MendError(f"{path} is not a {what} (format {got!r}, not {fmt!r})")
+    return tensors

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mend.errors import MendError
-from mend.files import atomic_folder, atomic_write
+from mend.files import atomic_folder, atomic_write, read_tensors
 from mend.models.params import EditableParam
 
 DELTA_FORMAT = "mend-delta-v1"
@@ -135,14 +134,7 @@ def apply_delta(model, path: str | Path) -> EditResult:
     """Add a delta written by `EditResult.save_delta` to the model; returns a revertible result."""
     from mend.models.params import find_editable
 
-    try:
-        with safe_open(str(path), "pt") as f:  # one read: the format, then the tensors
-            fmt = (f.metadata() or {}).get("format")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as e:
-        raise MendError(f"cannot read delta file {path}: {e}") from None
-    if fmt != DELTA_FORMAT:
-        raise MendError(f"{path} is not a mend weight delta (format {fmt!r}, not {DELTA_FORMAT!r})")
+    tensors = read_tensors(path, DELTA_FORMAT, "mend weight delta")
     names = [k.removesuffix(".weight") for k in tensors]
     params = find_editable(model, names)
     for p in params:

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mend.data.collate import make_batch
 from mend.errors import MendError
-from mend.files import atomic_write
+from mend.files import atomic_write, read_tensors
 from mend.grads import capture
 from mend.models.params import EditableParam
 
@@ -99,10 +98,7 @@ class KeyBank:
         path = Path(path)
         if not path.is_file():
             raise MendError(f"no key bank at {path} (make one with `mend fit-shield`)")
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise MendError(f"corrupt key bank {path}: {e}") from None
+        tensors = read_tensors(path, BANK_FORMAT, "mend key bank")
         owner = tensors.pop("owner", None)
         keys = {n.removeprefix("keys."): k for n, k in tensors.items()}
         want = {p.name: p.in_out[0] for p in params}

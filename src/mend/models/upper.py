@@ -47,6 +47,7 @@ class RowCache:
         self.bytes = 0
         self.rows: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.hits = self.misses = 0
+        self.full = False  # a row did not fit
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,6 +60,8 @@ class RowCache:
         if self.bytes + size <= self.max_bytes:
             self.rows[key] = (first.clone(), final.clone())
             self.bytes += size
+        else:
+            self.full = True
 
 
 def _pass_through(n_outputs: int | None):
