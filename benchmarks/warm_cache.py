@@ -13,6 +13,7 @@ batches the lower blocks ran in differ).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import tempfile
@@ -20,25 +21,26 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
-import mend.train
 from mend.config import TrainConfig
 from mend.data import load_checked
 from mend.data.collate import context_length
 from mend.models import load_model
 
+training = importlib.import_module("mend.train")  # the module (mend.train is also a function)
+
 
 def run(model, tok, data, val, cfg, warm: bool) -> dict:
-    saved = mend.train.warm_rows
+    saved = training.warm_rows
     if not warm:
-        mend.train.warm_rows = lambda *a, **k: False
+        training.warm_rows = lambda *a, **k: False
     try:
         with tempfile.TemporaryDirectory() as out:
             t = time.perf_counter()
-            summary = mend.train.train(model, tok, data, val, cfg, out, progress=False)
+            summary = training.train(model, tok, data, val, cfg, out, progress=False)
             wall = time.perf_counter() - t
-            lines = (Path(out) / mend.train.LOG_FILE).read_text().splitlines()
+            lines = (Path(out) / training.LOG_FILE).read_text().splitlines()
     finally:
-        mend.train.warm_rows = saved
+        training.warm_rows = saved
     seconds = [x["seconds"] for x in map(json.loads, lines) if "seconds" in x]
     per_epoch = len(data) // cfg.batch_size
     gaps = [b - a for a, b in pairwise(seconds)]  # gaps[k]: the time of step k + 2

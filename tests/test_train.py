@@ -242,3 +242,26 @@ def test_late_locality_weight_starts_at_its_fraction_of_the_run(tmp_path, tokeni
         c_loc = 3.0 if x["step"] > 6 else 1.0
         assert x["loss"] == pytest.approx(cfg.c_edit * x["l_edit"] + c_loc * x["l_loc"], rel=1e-5)
     assert all(x["l_loc"] > 1e-4 * x["loss"] for x in steps[6:])  # so the weight shows in it
+
+
+def test_late_locality_weight_restarts_the_checkpoint_choice(tmp_path, tokenizer, monkeypatch):
+    import sys
+
+    # Validation accuracy falls once the late weight starts (it trades edits for locality):
+    # the best checkpoint must still be one it shaped, the better of steps 6 and 8.
+    accs = iter([0.9, 0.8, 0.5, 0.6])
+
+    def validate(*args, **kwargs):
+        a = next(accs)
+        return {"loss": 1.0, "rewrite_acc": a, "rephrase_acc": a, "locality_acc": a}
+
+    monkeypatch.setattr(sys.modules["mend.train"], "validate", validate)
+    cfg = _cfg(max_steps=8, val_every=2, c_loc_late=3.0, late_fraction=0.75)
+    data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
+    train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path / "a",
+          progress=False)  # fmt: skip
+    assert json.loads((tmp_path / "a" / "editor_config.json").read_text())["best_step"] == 8
+    accs = iter([0.9, 0.8, 0.5, 0.6])  # without a late weight the first stays best
+    train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, _cfg(max_steps=8, val_every=2),
+          tmp_path / "b", progress=False)  # fmt: skip
+    assert json.loads((tmp_path / "b" / "editor_config.json").read_text())["best_step"] == 2

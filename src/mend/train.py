@@ -481,6 +481,7 @@ def train(
         )
 
     stop_reason = "max_steps"
+    late_start = cfg.late_fraction * cfg.max_steps
     start = time.perf_counter() - state["elapsed"]
     # With a time budget the step count is open-ended: show elapsed minutes instead of an ETA.
     total = cfg.max_steps if cfg.minutes is None else None
@@ -531,9 +532,13 @@ def train(
         if state["step"] % cfg.val_every == 0 or last_step:
             val = validate(me, val_data, cfg, stack)
             key = selection_key(val, cfg.select)
-            improved = key < state["best"]
+            # A late locality weight trades validation accuracy for locality on purpose: the
+            # checkpoints before it do not compete with the ones it shapes.
+            late = cfg.c_loc_late and state.get("best_step", 0) < late_start <= state["step"]
+            improved = key < state["best"] or late
             if improved:
                 state["best"], state["bad"], state["best_val"] = key, 0, val
+                state["best_step"] = state["step"]
                 checkpoint(out, {"best_step": state["step"], "val": val})
             else:
                 state["bad"] += 1
