@@ -6,8 +6,10 @@ Trains twice in one process, the same run (first `--records` CounterFact trainin
 `--steps` steps, bf16 lower blocks, validation only at the end): once with `train.warm_rows`
 as `mend train` runs it, once with it switched off, so rows are cached as the steps meet
 them. Prints the wall time of each run (warm-up included), the median step time per epoch, and
-the final validation numbers, which should agree to a few digits (the same math; only the
-batches the lower blocks ran in differ).
+the final validation numbers. Those agree only up to noise: the lower blocks run in bf16, and
+a row's bf16 hidden state depends a little on the batch it ran in, which moves a 300-step run
+by a few of its 64 validation edits (that the math is the same is tested in fp32,
+tests/test_fast_path.py).
 """
 
 from __future__ import annotations
