@@ -183,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--minutes", type=float, default=8.0)
     m.add_argument("--out", default="runs/demo")
     m.add_argument("--eval-limit", type=int, default=50)
+    m.add_argument(
+        "--train-records", type=int, default=2000,
+        help="train on the first N CounterFact training edits (0: all)",
+    )  # fmt: skip
     return ap
 
 
@@ -403,7 +407,7 @@ def cmd_demo(args) -> int:
     from mend.demo import run_demo
 
     model, tok = _load(args)
-    run_demo(model, tok, Path(args.out), args.minutes, args.eval_limit)
+    run_demo(model, tok, Path(args.out), args.minutes, args.eval_limit, args.train_records or None)
     return 0
 
 
