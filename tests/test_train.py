@@ -248,7 +248,8 @@ def test_late_locality_weight_restarts_the_checkpoint_choice(tmp_path, tokenizer
     import sys
 
     # Validation accuracy falls once the late weight starts (it trades edits for locality):
-    # the best checkpoint must still be one it shaped, the better of steps 6 and 8.
+    # the best checkpoint must still be one it shaped. It shapes steps 7 and 8 (0-based 6
+    # and 7), so of the validations after steps 2, 4, 6 and 8 only the last qualifies.
     accs = iter([0.9, 0.8, 0.5, 0.6])
 
     def validate(*args, **kwargs):

@@ -33,7 +33,7 @@ def _demo_data(tokenizer, max_len: int, eval_limit: int):
 
 
 def run_demo(
-    model, tokenizer, out: Path, minutes: float, eval_limit: int, train_records: int | None = 2000
+    model, tokenizer, out: Path, minutes: float, eval_limit: int, train_records: int | None
 ) -> dict:
     """Train for `minutes` on the first `train_records` CounterFact training edits (None: all),
     evaluate on `eval_limit` held-out edits, show a few.

@@ -161,15 +161,19 @@ def warm_rows(
     pairs = dict.fromkeys(
         [pair for r in data for pair in record_rows(r)] + [(q.prompt, q.answer) for q in as_probe]
     )
-    todo = sorted(pairs, key=lambda p: len(p[0]) + len(p[1] or ""))
-    size = [len(p[0]) + len(p[1] or "") for p in todo]  # characters: a proxy of the cost
-    done, start = 0, time.perf_counter()
+
+    def chars(pair):  # a proxy of a row's cost
+        return len(pair[0]) + len(pair[1] or "")
+
+    todo = sorted(pairs, key=chars)
+    size = list(map(chars, todo))
+    total, done, start = sum(size), 0, time.perf_counter()
     chunks = range(0, len(todo), batch_rows)
     for i in tqdm(chunks, desc="cache rows", unit="batch", disable=not progress, leave=False):
         if stack.cache.full:
             break
         if budget_s is not None and done:
-            projected = (time.perf_counter() - start) * sum(size) / done
+            projected = (time.perf_counter() - start) * total / done
             if projected > budget_s:
                 log.info("row cache warm-up skipped (%.0f s projected)", projected)
                 return False
@@ -369,12 +373,15 @@ def joint_at(step: int, cfg: TrainConfig) -> int:
     return cfg.joint_edits if math.floor((step + 1) * f) > math.floor(step * f) else 1
 
 
+def is_late(step: int, cfg: TrainConfig) -> bool:
+    """Whether step (0-based) runs with the late locality weight (a pure function of the step,
+    like the schedule, so --resume stays exact)."""
+    return bool(cfg.c_loc_late) and step >= cfg.late_fraction * cfg.max_steps
+
+
 def step_config(step: int, cfg: TrainConfig) -> TrainConfig:
-    """The configuration of one step: c_loc_late replaces c_loc in the late part of the run
-    (a pure function of the step, like the schedule, so --resume stays exact)."""
-    if cfg.c_loc_late and step >= cfg.late_fraction * cfg.max_steps:
-        return replace(cfg, c_loc=cfg.c_loc_late)
-    return cfg
+    """The configuration of one step: c_loc_late replaces c_loc in the late part of the run."""
+    return replace(cfg, c_loc=cfg.c_loc_late) if is_late(step, cfg) else cfg
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -481,7 +488,6 @@ def train(
         )
 
     stop_reason = "max_steps"
-    late_start = cfg.late_fraction * cfg.max_steps
     start = time.perf_counter() - state["elapsed"]
     # With a time budget the step count is open-ended: show elapsed minutes instead of an ETA.
     total = cfg.max_steps if cfg.minutes is None else None
@@ -534,7 +540,9 @@ def train(
             key = selection_key(val, cfg.select)
             # A late locality weight trades validation accuracy for locality on purpose: the
             # checkpoints before it do not compete with the ones it shapes.
-            late = cfg.c_loc_late and state.get("best_step", 0) < late_start <= state["step"]
+            # (state["step"] steps have run: the last was step state["step"] - 1.)
+            best_step = state.get("best_step", 0)
+            late = is_late(state["step"] - 1, cfg) and not is_late(best_step - 1, cfg)
             improved = key < state["best"] or late
             if improved:
                 state["best"], state["bad"], state["best_val"] = key, 0, val
