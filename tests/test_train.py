@@ -141,6 +141,7 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
         dict(joint_fraction=1.5),
         dict(c_loc_late=-1),
         dict(late_fraction=1.5),
+        dict(hard_locality="subject"),
     ],  # fmt: skip
 )
 def test_config_rejects_bad_values(bad):
@@ -192,6 +193,43 @@ def test_gap_hinge_counts_only_lost_lead_up_to_tau():
     gap_hinge(base, edited).backward()
     # pushes the unedited top up and the runner-up down, nothing where the lead grew
     assert edited.grad[0, 0] < 0 < edited.grad[0, 1] and edited.grad[2].abs().sum() == 0
+
+
+def test_hard_locality_inputs_share_the_relation_or_the_true_answer():
+    import random
+
+    from mend.train import build_rows, relation_key, similar_index
+    from mend.types import EditRequest
+
+    # 40 records: prompts in 4 endings, true answers in 5 values, crossed so that neither
+    # grouping implies the other; one record's true answer is unknown.
+    endings = ("is located in", "speaks the language", "plays the", "works for")
+    answers = ("French", "Paris", "piano", "Google", "jazz")
+    pool = [
+        EditRequest(f"Subject {i} {endings[i % 4]}", "X", target_true=answers[(i // 4) % 5])
+        for i in range(40)
+    ] + [EditRequest("Subject 40 plays the", "X")]
+    for by, same in (
+        ("relation", lambda a, b: relation_key(a.prompt) == relation_key(b.prompt)),
+        ("answer", lambda a, b: a.target_true == b.target_true),
+    ):
+        cfg = TrainConfig(loc_per_edit=40, hard_locality=by)  # 20 hard, 20 at random
+        rows = build_rows(pool, pool, cfg, random.Random(0), similar_index(pool, by))
+        by_prompt = {r.prompt: r for r in pool}
+        alike = drawn_all = 0
+        for i, r in enumerate(pool[:40]):
+            mine = [pair for pair, g in zip(rows.loc, rows.loc_group, strict=True) if g == i]
+            drawn = [by_prompt[p] for p, _ in mine]
+            assert all(d.prompt != r.prompt for d in drawn)
+            assert all(a == d.target_true for (_, a), d in zip(mine, drawn, strict=True))
+            alike += sum(same(r, d) for d in drawn)
+            drawn_all += len(drawn)
+        # Half the draws come from the record's group (less the record itself, dropped), the
+        # other half at random (1 in 4 or 5 alike): ~0.55 of the draws alike, ~0.2 by chance.
+        assert 0.5 < alike / drawn_all < 0.65, (by, alike / drawn_all)
+    # Without a true answer, "answer" falls back to the relation.
+    rows = build_rows(pool[40:], pool, cfg, random.Random(0), similar_index(pool, "answer"))
+    assert sum(p.endswith("plays the") for p, _ in rows.loc) >= 17
 
 
 def test_joint_fraction_spreads_batched_steps_evenly():

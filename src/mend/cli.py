@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
         help="weight of the edit's size (sum of ||Delta W||^2 / ||W||^2 over edited weights)",
     )  # fmt: skip
     t.add_argument("--loc-per-edit", type=int, default=4, help="extra locality inputs per edit")
+    t.add_argument(
+        "--hard-locality",
+        choices=("relation", "answer"),
+        default="relation",
+        help="half of the extra locality inputs are other records with the same relation "
+        "(prompt ending) or the same true answer",
+    )
     t.add_argument("--cosine", action="store_true", help="cosine-decay lr to 10%% at --max-steps")
     t.add_argument(
         "--edit-modules",
@@ -221,7 +228,8 @@ def cmd_train(args) -> int:
         max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
         val_edits=args.val_edits, c_loc=args.c_loc, c_loc_late=args.c_loc_late,
         late_fraction=args.late_fraction, c_edit=args.c_edit, c_gap=args.c_gap,
-        c_size=args.c_size, seed=args.seed, loc_per_edit=args.loc_per_edit, cosine=args.cosine,
+        c_size=args.c_size, seed=args.seed, loc_per_edit=args.loc_per_edit,
+        hard_locality=args.hard_locality, cosine=args.cosine,
         reference=args.reference, row_cache_mb=args.row_cache_mb, select=args.select,
         lower_precision=args.lower_precision, key_text=args.key_text or None,
         shared_rank=args.shared_rank,

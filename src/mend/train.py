@@ -70,11 +70,28 @@ def relation_key(prompt: str) -> str:
     return " ".join(prompt.lower().split()[-2:])
 
 
-def similar_index(pool: list[EditRequest]) -> dict[str, list[int]]:
-    """Records grouped by relation_key: hard locality inputs (same relation, other subject)."""
+def similar_key(r: EditRequest, by: str = "relation") -> str:
+    """What makes two records each other's hard locality inputs.
+
+    "relation": prompts that end alike (`relation_key`). "answer": the same true answer,
+    where known (else the relation): CounterFact's neighbourhood probes are other subjects
+    with the edited subject's true answer, the inputs an edit most easily carries along
+    ("French" speakers made "Russian" speakers with the edited one).
+    """
+    if by == "answer" and r.target_true:
+        return "answer:" + r.target_true
+    return "relation:" + relation_key(r.prompt)
+
+
+def similar_index(pool: list[EditRequest], by: str = "relation") -> dict[str, list[int]]:
+    """Records grouped by `similar_key`: hard locality inputs (a like fact of another subject).
+
+    Each record is also listed under its relation, where a record without a true answer looks.
+    """
     index: dict[str, list[int]] = {}
     for i, r in enumerate(pool):
-        index.setdefault(relation_key(r.prompt), []).append(i)
+        for key in dict.fromkeys((similar_key(r, by), similar_key(r, "relation"))):
+            index.setdefault(key, []).append(i)
     return index
 
 
@@ -89,9 +106,9 @@ def build_rows(
     """Paraphrase rows (generalisation) and locality rows for a set of edits.
 
     With an rng (training) one paraphrase is sampled per edit and `loc_per_edit` extra locality
-    inputs are drawn from other records, half of them (when `similar` is given) from records
-    that end like this one: the same relation about another subject, the inputs an edit most
-    easily spills onto. Without an rng (validation) every paraphrase is used and a record with
+    inputs are drawn from other records, half of them (when `similar`, a `similar_index` by
+    `cfg.hard_locality`, is given) from records like this one: the same relation or the same
+    true answer about another subject, the inputs an edit most easily spills onto. Without an rng (validation) every paraphrase is used and a record with
     no locality probe borrows the next record of the pool. With `joint` > 1, every `joint`
     consecutive edits form one batched edit, and their rows are scored under it.
     """
@@ -111,7 +128,7 @@ def build_rows(
         extra = []
         if rng is not None:
             n_hard = cfg.loc_per_edit // 2 if similar else 0
-            near = similar.get(relation_key(r.prompt), []) if similar else []
+            near = similar.get(similar_key(r, cfg.hard_locality), []) if similar else []
             picks = [rng.choice(near) for _ in range(n_hard) if len(near) > 1]
             picks += [rng.randrange(len(pool)) for _ in range(cfg.loc_per_edit - len(picks))]
             extra = [_probe_from(pool[j]) for j in picks]
@@ -473,7 +490,7 @@ def train(
         opt.load_state_dict(state["optimizer"])
     base_lrs = [cfg.lr, cfg.alpha_lr]
     val_data = val_data[: cfg.val_edits]
-    similar = similar_index(train_data)
+    similar = similar_index(train_data, cfg.hard_locality)
     n_edits = min(cfg.batch_size, len(train_data)) // cfg.joint_edits * cfg.joint_edits
     if not n_edits:
         raise MendError(f"fewer training edits ({len(train_data)}) than joint_edits")
