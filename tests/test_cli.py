@@ -4,6 +4,7 @@ bad inputs that must fail with exit code 2, one line on stderr and no output wri
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def test_eval_reports_every_metric(env, trained, tmp_path, capsys):
         assert report5["pre"][key] == pytest.approx(report["pre"][key]), key
 
 
-def test_edit_prints_and_saves_model_and_delta(env, trained, tmp_path, capsys):
+def test_edit_prints_and_saves_model_and_delta(env, trained, tmp_path, capsys, caplog):
     m2, delta = tmp_path / "m2", tmp_path / "d.safetensors"
     argv = ["edit", "--model", env["model"], "--editor", str(trained), "--prompt", PROMPT,
             "--target", TARGET, "--save-model", str(m2), "--save-delta", str(delta)]  # fmt: skip
@@ -205,12 +206,18 @@ def test_edit_prints_and_saves_model_and_delta(env, trained, tmp_path, capsys):
         if not torch.equal(v, base.state_dict()[k])
     }
     assert changed == names  # exactly the editor's weights changed
-    applied = apply_delta(base, delta)
+    with caplog.at_level(logging.WARNING, "mend"):
+        applied = apply_delta(base, delta)
+    assert not caplog.records  # the model the delta was made for
     for name in names:
         torch.testing.assert_close(
             base.get_submodule(name).weight, edited.get_submodule(name).weight, rtol=0, atol=1e-7
         )
     applied.revert()
+    base.config.name_or_path = "someone/another-model"  # same shapes, another model's name
+    with caplog.at_level(logging.WARNING, "mend"):
+        apply_delta(base, delta).revert()
+    assert "was made for model" in caplog.text and "another-model" in caplog.text
 
 
 def test_apply_adds_saved_deltas_without_the_editor(env, trained, tmp_path, capsys):

@@ -65,8 +65,8 @@ def write_json(path: str | Path, data) -> None:
     atomic_write(path, write)
 
 
-def read_tensors(path: str | Path, fmt: str, what: str) -> dict:
-    """All tensors of a safetensors file whose metadata says `format: fmt`, in one read.
+def read_tensors(path: str | Path, fmt: str, what: str) -> tuple[dict, dict]:
+    """All tensors and the metadata of a safetensors file whose metadata says `format: fmt`.
 
     Raises MendError naming `what` (e.g. "delta file") for a file that cannot be read, is
     corrupt or truncated, or holds something else (such as another mend file type).
@@ -75,10 +75,10 @@ def read_tensors(path: str | Path, fmt: str, what: str) -> dict:
 
     try:
         with safe_open(str(path), "pt") as f:
-            got = (f.metadata() or {}).get("format")
+            meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:
         raise MendError(f"cannot read {what} {path}: {e}") from None
-    if got != fmt:
-        raise MendError(f"{path} is not a {what} (format {got!r}, not {fmt!r})")
-    return tensors
+    if meta.get("format") != fmt:
+        raise MendError(f"{path} is not a {what} (format {meta.get('format')!r}, not {fmt!r})")
+    return tensors, meta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from mend.files import atomic_folder, atomic_write, read_tensors
 from mend.models.params import EditableParam
 
 DELTA_FORMAT = "mend-delta-v1"
+log = logging.getLogger(__name__)
 
 
 class WeightPool:
@@ -134,7 +136,10 @@ def apply_delta(model, path: str | Path) -> EditResult:
     """Add a delta written by `EditResult.save_delta` to the model; returns a revertible result."""
     from mend.models.params import find_editable
 
-    tensors = read_tensors(path, DELTA_FORMAT, "mend weight delta")
+    tensors, meta = read_tensors(path, DELTA_FORMAT, "mend weight delta")
+    made_for, here = meta.get("model"), str(model.config.name_or_path)
+    if made_for and Path(made_for).name != Path(here).name:  # (shapes are checked below)
+        log.warning("%s was made for model %s, not %s", path, made_for, here)
     names = [k.removesuffix(".weight") for k in tensors]
     params = find_editable(model, names)
     for p in params:

@@ -98,7 +98,7 @@ class KeyBank:
         path = Path(path)
         if not path.is_file():
             raise MendError(f"no key bank at {path} (make one with `mend fit-shield`)")
-        tensors = read_tensors(path, BANK_FORMAT, "mend key bank")
+        tensors, _ = read_tensors(path, BANK_FORMAT, "mend key bank")
         owner = tensors.pop("owner", None)
         keys = {n.removeprefix("keys."): k for n, k in tensors.items()}
         want = {p.name: p.in_out[0] for p in params}
