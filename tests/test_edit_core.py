@@ -12,6 +12,7 @@ from mend.config import EditorConfig
 from mend.edit import MendEditor
 from mend.editor import Editor
 from mend.errors import MendError
+from mend.evaluate import evaluate
 from mend.grads import capture, key_moments
 from mend.losses import edit_loss
 from mend.models import find_editable
@@ -273,6 +274,20 @@ def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_targe
     assert reach == [False, False, True]  # MEND's own change misses; 4x reaches the target
     boosted = MendEditor(model, tokenizer, plain.editor, boost=(2, 4, 8))
     base, more = _delta_of(plain, req), _delta_of(boosted, req)
+    scales = []
+    for me in (boosted, plain):
+        result = me.edit(req)
+        result.revert()
+        scales.append(result.scales)
+    assert scales == [[4.0], None]  # (an unchecked edit has none)
+    # mend eval's per-edit list shows the scale; its metrics average to the report's.
+    reqs = fact_requests(4)
+    report = evaluate(model, tokenizer, boosted, reqs, progress=False, per_edit=True)
+    edits = report["edits"]
+    assert [e["prompt"] for e in edits] == [r.prompt for r in reqs] and edits[1]["scale"] == 4.0
+    for k in ("rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score"):
+        assert abs(sum(e[k] for e in edits) / 4 - report[k]) < 1e-9  # (one probe of each)
+    assert "edits" not in evaluate(model, tokenizer, boosted, reqs, progress=False)
     for name in base:
         assert base[name].abs().max() > 0
         # (deltas read back from fp32 weights: rounding at the weights' scale)

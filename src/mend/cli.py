@@ -293,8 +293,10 @@ def cmd_eval(args) -> int:
     model, tok = _load(args)
     method = _method(args, model, tok)
     data = _load_data(args.data, tok, model, args.limit)
-    report = evaluate(model, tok, method, data, batch_size=args.batch_size)
+    report = evaluate(model, tok, method, data, batch_size=args.batch_size, per_edit=True)
+    edits = report.pop("edits")  # (listed last in the file)
     report |= {"method": args.method, "model": args.model, "editor": args.editor, "data": args.data}
+    report["edits"] = edits
     write_json(args.out, report)
     print(format_report(report))
     return 0

@@ -262,13 +262,16 @@ class MendEditor:
                 ).tolist()
         return out
 
-    def _boosted(self, factors: Factors, batch: TokenBatch, prepared, finish) -> Factors:
+    def _boosted(self, factors: Factors, batch: TokenBatch, prepared, finish):
         """Scale up each request's share of a batched edit until its target is the argmax.
 
         Every request that misses its target is scaled by the next of `self.boost`; one that
         never reaches it keeps the last scale. A request's share is its token slots of u~.
         `finish` turns scaled factors into the change that will be applied (`_shared_once`),
         so what is checked is exactly what lands.
+
+        Returns:
+            (the finished factors, each request's scale).
         """
         scale = torch.ones(len(batch), device=batch.input_ids.device)
         current = finish(factors)
@@ -279,7 +282,7 @@ class MendEditor:
             scale[~ok] = s
             per_slot = scale.repeat_interleave(batch.input_ids.shape[1])[:, None]  # (R S, 1)
             current = finish({n: (u * per_slot, d) for n, (u, d) in factors.items()})
-        return current
+        return current, scale.tolist()
 
     def anchor_norm_sq(self, name: str) -> torch.Tensor:
         """||W||_F^2 of the edited weight `name` as this editor found it (computed once)."""
@@ -358,9 +361,10 @@ class MendEditor:
                     return shield(self._shared_once(f, keep))
 
                 alone = len(requests) == 1 and not anchored  # joins no other edit
+                scales = None
                 if self.boost and (alone or self.check_batches):
                     # (the upper blocks' recorded inputs do not depend on the edited weights)
-                    factors = self._boosted(factors, batch, prepared, finish)
+                    factors, scales = self._boosted(factors, batch, prepared, finish)
                 else:
                     factors = finish(factors)
                 bad = self._non_finite(factors)
@@ -368,6 +372,7 @@ class MendEditor:
                     raise MendError(f"the edit is not finite at {bad} (weights left unchanged)")
                 updates = {p.name: pair for p, pair in self._factor_pairs(factors)}
                 result = EditResult(self.model, self.params, updates, 0.0, self._spares)
+                result.scales = scales
         finally:
             self.editor.train(was_training)
         result.seconds = time.perf_counter() - start

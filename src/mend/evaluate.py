@@ -30,33 +30,35 @@ def _probe_rows(reqs: list[EditRequest]):
     """Every probe of the given edits.
 
     Returns:
-        (pairs, kinds, comparisons): the (prompt, target) rows, what each row scores, and the
-        CounterFact comparisons as (metric, row that should be likelier, row it is compared to).
+        (pairs, kinds, owners, comparisons): the (prompt, target) rows, what each row scores,
+        the index of the request each row belongs to, and the CounterFact comparisons as
+        (metric, row that should be likelier, row it is compared to).
     """
-    pairs, kinds, comparisons = [], [], []
+    pairs, kinds, owners, comparisons = [], [], [], []
 
-    def add(prompt, target, kind) -> int:
+    def add(prompt, target, kind, i) -> int:
         pairs.append((prompt, target))
         kinds.append(kind)
+        owners.append(i)
         return len(pairs) - 1
 
-    for r in reqs:
-        rewrite = add(r.prompt, r.target, REWRITE)
-        rephrase = [add(p, r.target, REPHRASE) for p in r.rephrases]
+    for i, r in enumerate(reqs):
+        rewrite = add(r.prompt, r.target, REWRITE, i)
+        rephrase = [add(p, r.target, REPHRASE, i) for p in r.rephrases]
         for probe in r.locality:
-            add(probe.prompt, probe.answer, LOCALITY)
+            add(probe.prompt, probe.answer, LOCALITY, i)
         if r.target_true:
-            comparisons.append(("efficacy_score", rewrite, add(r.prompt, r.target_true, OTHER)))
+            comparisons.append(("efficacy_score", rewrite, add(r.prompt, r.target_true, OTHER, i)))
             for p, new in zip(r.rephrases, rephrase, strict=True):
-                comparisons.append(("paraphrase_score", new, add(p, r.target_true, OTHER)))
+                comparisons.append(("paraphrase_score", new, add(p, r.target_true, OTHER, i)))
             for p in r.neighborhood:
-                true = add(p, r.target_true, OTHER)
-                comparisons.append(("neighborhood_score", true, add(p, r.target, OTHER)))
-    return pairs, kinds, comparisons
+                true = add(p, r.target_true, OTHER, i)
+                comparisons.append(("neighborhood_score", true, add(p, r.target, OTHER, i)))
+    return pairs, kinds, owners, comparisons
 
 
-def _score(logits, batch, kinds, comparisons, base_logits=None) -> dict[str, list[float]]:
-    """Per-metric lists of 0/1 outcomes for one forward pass of the probe batch."""
+def _score(logits, batch, kinds, owners, comparisons, base_logits=None) -> list[dict]:
+    """Per request, per-metric lists of 0/1 outcomes for one forward pass of the probe batch."""
     rows = batch.pos_row
     labels = batch.labels[batch.pos_mask]
     n = len(batch)
@@ -65,14 +67,14 @@ def _score(logits, batch, kinds, comparisons, base_logits=None) -> dict[str, lis
     unchanged = [True] * n
     if base_logits is not None:
         unchanged = argmax_unchanged(base_logits, logits, rows, n).tolist()
-    out = defaultdict(list)
+    out = [defaultdict(list) for _ in range(max(owners, default=-1) + 1)]
     for r, kind in enumerate(kinds):
         if kind in (REWRITE, REPHRASE):
-            out[kind].append(float(correct[r]))
+            out[owners[r]][kind].append(float(correct[r]))
         elif kind == LOCALITY:
-            out[kind].append(float(unchanged[r]))
+            out[owners[r]][kind].append(float(unchanged[r]))
     for metric, win, lose in comparisons:
-        out[metric].append(float(logp[win] > logp[lose]))
+        out[owners[win]][metric].append(float(logp[win] > logp[lose]))
     return out
 
 
@@ -88,15 +90,21 @@ def score(model, tokenizer, requests: list[EditRequest], base: dict | None = Non
             needed for locality (predictions unchanged).
 
     Returns:
-        {"metrics": {metric: [0/1 per probe]}, "logits": the probe logits (for later `base`)}.
+        {"metrics": {metric: [0/1 per probe]}, "per_request": the same for each request,
+         "logits": the probe logits (for later `base`)}.
     """
-    pairs, kinds, comparisons = _probe_rows(requests)
+    pairs, kinds, owners, comparisons = _probe_rows(requests)
     device = next(model.parameters()).device
     batch = make_batch(tokenizer, pairs, max_len=context_length(model)).to(device)
     with torch.no_grad():
         logits = scored_logits(model, batch)
     base_logits = base["logits"] if base is not None else None
-    return {"metrics": _score(logits, batch, kinds, comparisons, base_logits), "logits": logits}
+    per_request = _score(logits, batch, kinds, owners, comparisons, base_logits)
+    metrics = defaultdict(list)
+    for outcomes in per_request:
+        for k, v in outcomes.items():
+            metrics[k].extend(v)
+    return {"metrics": metrics, "per_request": per_request, "logits": logits}
 
 
 def summarize(outcomes: dict[str, list[float]]) -> dict[str, float | None]:
@@ -114,6 +122,7 @@ def evaluate(
     after_edit=None,
     desc: str = "eval",
     unedited: dict | None = None,
+    per_edit: bool = False,
 ) -> dict:
     """Edit `batch_size` requests at a time, score before and after, revert, repeat.
 
@@ -124,13 +133,16 @@ def evaluate(
         unedited: a dict shared by calls on the same requests (any method): the unedited
             model's scores are computed by the first call and reused by the others. Valid
             because every method reverts to the exact weights after each batch.
+        per_edit: also list, under "edits", each request's prompt, target, metrics (means
+            over its probes), its batch's edit time and, where the method scaled it up to
+            reach its target (`EditResult.scales`), the scale.
 
     Returns:
         {"n_edits", "rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score",
          "paraphrase_score", "neighborhood_score", "edit_seconds_median", "pre": {...}}.
         Accuracies are means over probes; a metric with no probes is None.
     """
-    post, pre, seconds = defaultdict(list), defaultdict(list), []
+    post, pre, seconds, edits = defaultdict(list), defaultdict(list), [], []
     chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     for i, chunk in enumerate(tqdm(chunks, desc=desc, disable=not progress, leave=False)):
         key = (batch_size, i)
@@ -151,11 +163,18 @@ def evaluate(
             pre[k].extend(v)
         for k, v in edited["metrics"].items():
             post[k].extend(v)
+        if per_edit:
+            scales = getattr(result, "scales", None) or [None] * len(chunk)
+            for r, outcomes, scale in zip(chunk, edited["per_request"], scales, strict=True):
+                edits.append({"prompt": r.prompt, "target": r.target} | summarize(outcomes)
+                             | {"edit_seconds": result.seconds, "scale": scale})  # fmt: skip
     report = {"n_edits": len(requests), "batch_size": batch_size}
     report |= summarize(post)
     report["edit_seconds_median"] = statistics.median(seconds) if seconds else None
     report["edit_seconds_mean"] = statistics.fmean(seconds) if seconds else None
     report["pre"] = summarize(pre)
+    if per_edit:
+        report["edits"] = edits
     return report
 
 

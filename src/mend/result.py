@@ -58,6 +58,8 @@ class EditResult:
     Attributes:
         deltas: {weight name: the tensor added to that weight} (materialised on first use).
         seconds: wall time of the edit.
+        scales: for an edit that checked itself (`MendEditor` boost), the scale each request's
+            change got (1.0: as MEND computed it); None for an unchecked edit.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class EditResult:
     ):
         self.model = model
         self.seconds = seconds
+        self.scales: list[float] | None = None
         self._updates = updates
         self._deltas: dict[str, torch.Tensor] | None = None
         self._pool = pool
