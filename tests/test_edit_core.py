@@ -481,7 +481,9 @@ def test_the_check_sees_exactly_the_change_that_lands(tokenizer):
     first, _ = landed_as_checked([reqs[0]])
     for edit_reqs in ([reqs[1]], reqs[1:3]):  # anchored on the moved model: no shared part
         result, expected = landed_as_checked(edit_reqs)
-        assert all(float((a.T @ expected[n] @ b).norm().detach()) < 1e-4 for n, (a, b) in bases.items())
+        assert all(
+            float((a.T @ expected[n] @ b).norm().detach()) < 1e-4 for n, (a, b) in bases.items()
+        )
         result.revert()
     first.revert()
     result, expected = landed_as_checked(reqs[1:3])  # unmoved: a batch keeps 1/2 of it
