@@ -144,6 +144,14 @@ def test_fit_shield_stores_a_bank_that_eval_and_edit_shield_with(env, trained, t
     assert main(argv) == 0
     assert "key bank of 20 facts" in capsys.readouterr().out
     assert (editor / "key_bank.safetensors").is_file()
+    probes = {x["locality"][0]["prompt"] for x in env["records"][:3]}
+    n_out = sum(x["prompt"] in probes for x in env["records"][:20])
+    assert n_out > 0  # (the data must hold such facts for this check to mean anything)
+    assert main(argv + ["--leave-out", str(tmp_path / "first3.jsonl")]) == 2  # a missing file
+    (tmp_path / "first3.jsonl").write_text("\n".join(json.dumps(x) for x in env["records"][:3]))
+    assert main(argv + ["--leave-out", str(tmp_path / "first3.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert f"key bank of {20 - n_out} facts" in out and f"{n_out} left out" in out
     _fails(capsys, _eval_argv(env, editor, tmp_path / "r.json") + ["--shield", "0"], "beta")
     assert not (tmp_path / "r.json").exists()
     report = tmp_path / "shielded.json"

@@ -184,6 +184,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--editor", required=True, help="editor checkpoint folder (bank saved in it)")
     s.add_argument("--data", required=True, help="known facts: prompts with their true answers")
     s.add_argument("--limit", type=int, default=3000, help="how many of them")
+    s.add_argument(
+        "--leave-out",
+        metavar="DATA",
+        help="leave out facts whose prompt is a locality probe of these edits (the ones you will "
+        "measure locality on: a shield on the probe itself flatters the number)",
+    )
 
     m = sub.add_parser("demo", help="train a small editor on CounterFact, then edit and score")
     _common(m)
@@ -404,12 +410,19 @@ def cmd_fit_shield(args) -> int:
     model, tok = _load(args)
     me = MendEditor(model, tok, load_editor(args.editor, model))
     data = _load_data(args.data, tok, model, args.limit)
-    facts = [(r.prompt, r.target_true) for r in data if r.target_true]
+    probes = set()
+    if args.leave_out:
+        probes = {
+            p.prompt for r in _load_data(args.leave_out, tok, model, None) for p in r.locality
+        }
+    facts = [(r.prompt, r.target_true) for r in data if r.target_true and r.prompt not in probes]
     if not facts:
         raise MendError(f"{args.data} has no true answers (target_true) to shield")
     bank = KeyBank.build(model, tok, me.params, facts, me.max_len, progress=True)
     bank.save(Path(args.editor) / BANK_FILE)
-    print(f"{args.editor}: key bank of {len(facts)} facts ({len(bank.owner)} inputs) saved")
+    left = sum(bool(r.target_true) for r in data) - len(facts)
+    print(f"{args.editor}: key bank of {len(facts)} facts ({len(bank.owner)} inputs) saved"
+          + (f"; {left} left out: locality probes of {args.leave_out}" if args.leave_out else ""))  # fmt: skip
     return 0
 
 
