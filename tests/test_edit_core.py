@@ -487,7 +487,7 @@ def test_the_check_sees_exactly_the_change_that_lands(tokenizer):
         result.revert()
     first.revert()
     result, expected = landed_as_checked(reqs[1:3])  # unmoved: a batch keeps 1/2 of it
-    assert all(float((a.T @ expected[n] @ b).norm()) > 1e-3 for n, (a, b) in bases.items())
+    assert all(float((a.T @ expected[n] @ b).norm().detach()) > 1e-3 for n, (a, b) in bases.items())
     result.revert()
 
 
