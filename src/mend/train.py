@@ -108,9 +108,10 @@ def build_rows(
     With an rng (training) one paraphrase is sampled per edit and `loc_per_edit` extra locality
     inputs are drawn from other records, half of them (when `similar`, a `similar_index` by
     `cfg.hard_locality`, is given) from records like this one: the same relation or the same
-    true answer about another subject, the inputs an edit most easily spills onto. Without an rng (validation) every paraphrase is used and a record with
-    no locality probe borrows the next record of the pool. With `joint` > 1, every `joint`
-    consecutive edits form one batched edit, and their rows are scored under it.
+    true answer about another subject, the inputs an edit most easily spills onto. Without an
+    rng (validation) every paraphrase is used and a record with no locality probe borrows the
+    next record of the pool. With `joint` > 1, every `joint` consecutive edits form one
+    batched edit, and their rows are scored under it.
     """
     rows = StepRows([], [], [], [], [], [])
     for i, r in enumerate(reqs):
