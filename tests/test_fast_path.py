@@ -236,13 +236,13 @@ def test_edit_size_is_the_dense_change_norm_and_enters_the_loss(tokenizer):
         factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=2)
     dense = [
         sum(
-            float(delta.square().sum() / p.weight.square().sum())
+            float((delta.square().sum() / p.weight.square().sum()).detach())
             for p, delta in zip(params, me.weight_deltas(factors, g).values(), strict=True)
         )
         for g in range(3)
     ]
     assert min(dense) > 0
-    assert abs(float(edit_size(me, factors)) - sum(dense) / 3) < 1e-5 * sum(dense)
+    assert abs(float(edit_size(me, factors).detach()) - sum(dense) / 3) < 1e-5 * sum(dense)
 
     rows = build_rows(reqs[:4], reqs, TrainConfig(loc_per_edit=1), random.Random(0))
     stats = [
