@@ -35,7 +35,7 @@ from mend.evaluate import evaluate
 from mend.files import write_json
 from mend.models import load_model
 from mend.models.forward import scored_logits
-from mend.shield import KeyBank, Shield
+from mend.shield import KeyBank, Shield, known_facts
 
 
 @torch.no_grad()
@@ -96,10 +96,9 @@ def main(argv=None) -> None:
         report["where_lost"] = where_lost(plain, data)
         print(report["where_lost"])
     known = load_checked(args.bank_data, tok, context_length(model), args.bank)
-    probes = {p.prompt for r in data for p in r.locality}
-    facts = [(r.prompt, r.target_true) for r in known if r.prompt not in probes]
-    report["probes_left_out_of_bank"] = len(known) - len(facts)  # the bank must not hold them
-    print(f"bank: {len(facts)} facts ({len(known) - len(facts)} left out: locality probes here)")
+    facts, left = known_facts(known, leave_out=data)
+    report["probes_left_out_of_bank"] = left  # the bank must not hold them
+    print(f"bank: {len(facts)} facts ({left} left out: locality probes here)")
     bank = KeyBank.build(model, tok, plain.params, facts, plain.max_len, progress=True)
     shared = {}
     for spec in ([] if args.skip_off else ["off"]) + args.shield:

@@ -403,24 +403,20 @@ def cmd_fit_shared(args) -> int:
 def cmd_fit_shield(args) -> int:
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
-    from mend.shield import BANK_FILE, KeyBank
+    from mend.shield import BANK_FILE, KeyBank, known_facts
 
     if args.limit < 1:
         raise MendError("--limit must be >= 1")
     model, tok = _load(args)
     me = MendEditor(model, tok, load_editor(args.editor, model))
     data = _load_data(args.data, tok, model, args.limit)
-    probes = set()
-    if args.leave_out:
-        probes = {
-            p.prompt for r in _load_data(args.leave_out, tok, model, None) for p in r.locality
-        }
-    facts = [(r.prompt, r.target_true) for r in data if r.target_true and r.prompt not in probes]
+    leave_out = _load_data(args.leave_out, tok, model, None) if args.leave_out else []
+    facts, left = known_facts(data, leave_out)
     if not facts:
-        raise MendError(f"{args.data} has no true answers (target_true) to shield")
+        why = f" not left out by {args.leave_out}" if left else ""
+        raise MendError(f"{args.data} has no true answers (target_true){why} to shield")
     bank = KeyBank.build(model, tok, me.params, facts, me.max_len, progress=True)
     bank.save(Path(args.editor) / BANK_FILE)
-    left = sum(bool(r.target_true) for r in data) - len(facts)
     print(f"{args.editor}: key bank of {len(facts)} facts ({len(bank.owner)} inputs) saved"
           + (f"; {left} left out: locality probes of {args.leave_out}" if args.leave_out else ""))  # fmt: skip
     return 0

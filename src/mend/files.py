@@ -68,7 +68,7 @@ def write_json(path: str | Path, data) -> None:
 def read_tensors(path: str | Path, fmt: str, what: str) -> tuple[dict, dict]:
     """All tensors and the metadata of a safetensors file whose metadata says `format: fmt`.
 
-    Raises MendError naming `what` (e.g. "delta file") for a file that cannot be read, is
+    Raises MendError naming `what` (e.g. "mend weight delta") for a file that cannot be read, is
     corrupt or truncated, or holds something else (such as another mend file type).
     """
     from safetensors import safe_open

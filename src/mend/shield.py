@@ -28,10 +28,28 @@ from mend.errors import MendError
 from mend.files import atomic_write, read_tensors
 from mend.grads import capture
 from mend.models.params import EditableParam
+from mend.types import EditRequest
 
 BANK_FILE = "key_bank.safetensors"
 BANK_FORMAT = "mend-key-bank-v1"
 SAME_FACT = 0.999  # a bank fact this close to the edit prompt is the edited fact itself
+
+
+def known_facts(
+    records: list[EditRequest], leave_out: list[EditRequest] = ()
+) -> tuple[list[tuple[str, str]], int]:
+    """The (prompt, true answer) facts a key bank can hold, from records that know their answer.
+
+    Leaves out every fact whose prompt is a locality probe of `leave_out` (the edits whose
+    locality will be measured: a shield on the probe itself flatters the number).
+
+    Returns:
+        (facts, how many were left out).
+    """
+    probes = {p.prompt for r in leave_out for p in r.locality}
+    known = [(r.prompt, r.target_true) for r in records if r.target_true]
+    facts = [f for f in known if f[0] not in probes]
+    return facts, len(known) - len(facts)
 
 
 def first_scored_inputs(u: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
