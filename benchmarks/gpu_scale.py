@@ -1,10 +1,16 @@
 """Editor training and editing at real model sizes, on randomly initialised models.
 
-    python benchmarks/gpu_scale.py                # CUDA, bf16: GPT-2 XL, GPT-J 6B, Llama 7B, 13B
-    python benchmarks/gpu_scale.py --tiny         # the same code on CPU with tiny configs
+    python benchmarks/gpu_scale.py --out docs/results/gpu-scale   # CUDA, bf16, all REAL models
+    python benchmarks/gpu_scale.py --tiny                          # the same code on CPU, tiny configs
+    python benchmarks/gpu_scale.py --tiny --device cuda            # a quick smoke test on a GPU
 
-Reports per model: editor-training step time and peak memory (GPU: torch.cuda.max_memory_allocated),
-single-edit latency. Weights are random, so only speed and memory mean anything here. The goal:
+Reports per model, measured side by side in one process: editor-training step time and peak
+memory of the fast path and of the reference path (`--reference-steps 0` skips it) and their
+ratio; single-edit latency (checked, and unchecked: `boost=()`) next to one plain no-grad forward
+of the same prompt; edits/s of one batched edit of 10. Peak memory on CUDA is
+torch.cuda.max_memory_allocated (model weights included), reset before each path. Weights are
+random, so only speed and memory mean anything here (a checked edit of a random model usually
+misses its target and tries every boost: the unchecked time is the edit's own cost). The goal:
 editor training for the 7B model within 24 GB of GPU memory.
 """
 
@@ -15,6 +21,7 @@ import gc
 import random
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,6 +38,9 @@ from mend.train import build_rows, edit_step
 from mend.types import EditRequest, Probe
 
 REAL = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                   tie_word_embeddings=True, max_position_embeddings=2048)),
     "gpt2-xl-1.5b": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024)),
     "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048)),
     "llama-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -43,23 +53,8 @@ TINY = {
     "llama-tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                  num_attention_heads=4, max_position_embeddings=128)),
 }  # fmt: skip
-WORDS = [
-    "the",
-    "of",
-    "capital",
-    "city",
-    "is",
-    "located",
-    "in",
-    "river",
-    "mountain",
-    "speaks",
-    "language",
-    "plays",
-    "piano",
-    "guitar",
-    "born",
-]
+WORDS = "the of capital city is located in river mountain speaks language plays piano guitar born"
+WORDS = WORDS.split()
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
@@ -83,77 +78,143 @@ def requests(n: int, seed: int = 0) -> list[EditRequest]:
                         sentence(2)) for _ in range(n)]  # fmt: skip
 
 
-def measure(name, family, overrides, device, dtype, steps, rank) -> dict:
-    tok = tokenizer()
-    cfg = AutoConfig.for_model(family, **overrides)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval().requires_grad_(False)
-    params = find_editable(model)
-    tcfg = TrainConfig(editor=EditorConfig(rank=rank), batch_size=4, loc_per_edit=4)
-    editor = Editor({p.name: p.in_out for p in params}, tcfg.editor).to(device).train()
-    me = MendEditor(model, tok, editor)
-    stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
-    opt = torch.optim.Adam(editor.parameters(), lr=1e-5)
-    pool = requests(64)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(steps + 1):
-        rng = random.Random(step)
-        reqs = rng.sample(pool, 4)
-        sync()
-        t = time.perf_counter()
+class Clock:
+    """Wall time and peak memory on one device (CUDA work is synchronised before reading)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+    def median(self, fn, repeats: int) -> float:
+        """Median seconds of fn() over `repeats` calls, after one untimed warm-up call."""
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = self.now()
+            fn()
+            times.append(self.now() - t)
+        return statistics.median(times)
+
+
+def train_path(me, stack, pool, tcfg, clock: Clock, steps: int) -> dict:
+    """Median step time (forward, backward, Adam) and peak memory of one training path."""
+    opt = torch.optim.Adam(me.editor.parameters(), lr=1e-5)
+    step = iter(range(10**9))
+
+    def one():
+        rng = random.Random(next(step))
+        reqs = rng.sample(pool, tcfg.batch_size)
         loss, _ = edit_step(me, reqs, build_rows(reqs, pool, tcfg, rng), tcfg, stack)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync()
-        if step:
-            times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+    clock.reset_peak()
+    sec = clock.median(one, steps)
+    return {"step_s": sec, "peak_gib": clock.peak_gib()}
+
+
+def measure(name, family, overrides, device, dtype, args) -> dict:
+    clock = Clock(device)
+    tok = tokenizer()
+    cfg = AutoConfig.for_model(family, **overrides)
+    t = time.perf_counter()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval().requires_grad_(False)
+    build_s = time.perf_counter() - t
+    params = find_editable(model)
+    tcfg = TrainConfig(editor=EditorConfig(rank=args.rank), batch_size=4, loc_per_edit=4)
+    torch.manual_seed(0)
+    editor = Editor({p.name: p.in_out for p in params}, tcfg.editor).to(device).train()
+    me = MendEditor(model, tok, editor)
+    stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
+    pool = requests(64)
+    row = {"model": name, "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
+           "editor_params_m": sum(p.numel() for p in editor.parameters()) / 1e6,
+           "edited": [p.name for p in params], "build_s": build_s}  # fmt: skip
+    row["fast"] = train_path(me, stack, pool, tcfg, clock, args.steps)
+    if args.reference_steps:
+        row["reference"] = train_path(me, None, pool, tcfg, clock, args.reference_steps)
+        row["speedup"] = row["reference"]["step_s"] / row["fast"]["step_s"]
     editor.eval()
-    lat = []
-    for r in pool[:6]:
-        sync()
-        t = time.perf_counter()
-        res = me.edit([r])
-        sync()
-        lat.append(time.perf_counter() - t)
-        res.revert()
-    n_params = sum(p.numel() for p in model.parameters()) / 1e9
-    row = {"model": name, "params_b": n_params, "train_step_s": statistics.median(times),
-           "peak_gib": peak, "edit_s": statistics.median(lat[1:]),
-           "editor_params_m": sum(p.numel() for p in editor.parameters()) / 1e6}  # fmt: skip
-    print(f"{name:<14} {n_params:6.2f}B  step {row['train_step_s']:.3f} s  peak {peak:.1f} GiB  "
-          f"edit {row['edit_s'] * 1e3:.1f} ms  editor {row['editor_params_m']:.0f}M params")  # fmt: skip
-    del model, editor, opt, me, stack
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    req = [pool[0]]
+    ids = tok(req[0].prompt, return_tensors="pt").to(device)
+    unchecked = MendEditor(model, tok, editor, boost=())
+
+    @torch.no_grad()
+    def forward():
+        model(**ids, use_cache=False)
+
+    row["prompt_tokens"] = ids["input_ids"].shape[1]
+    row["forward_s"] = clock.median(forward, args.repeats)
+    row["edit_s"] = clock.median(lambda: me.edit(req).revert(), args.repeats)
+    row["unchecked_edit_s"] = clock.median(lambda: unchecked.edit(req).revert(), args.repeats)
+    row["unchecked_over_forward"] = row["unchecked_edit_s"] / row["forward_s"]
+    k10 = clock.median(lambda: unchecked.edit(pool[:10]).revert(), max(2, args.repeats // 3))
+    row["batched10_edits_per_s"] = 10 / k10
+    ref = row.get("reference")
+    print(f"{name:<13} {row['params_b']:6.2f}B  train step fast {row['fast']['step_s']:.3f} s"
+          + (f" / reference {ref['step_s']:.3f} s ({row['speedup']:.2f}x)" if ref else "")
+          + (f", peak {row['fast']['peak_gib']:.1f} GiB" if row["fast"]["peak_gib"] else "")
+          + (f" / {ref['peak_gib']:.1f} GiB" if ref and ref["peak_gib"] else "")
+          + f"; edit {row['unchecked_edit_s'] * 1e3:.1f} ms unchecked ({row['edit_s'] * 1e3:.1f}"
+          f" checked) vs forward {row['forward_s'] * 1e3:.1f} ms: "
+          f"{row['unchecked_over_forward']:.2f}x; k=10 {row['batched10_edits_per_s']:.0f} edits/s; "
+          f"editor {row['editor_params_m']:.0f}M params", flush=True)  # fmt: skip
+    return row  # the model and editor go with this frame; main() frees their memory
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
-        "--tiny", action="store_true", help="tiny configs on CPU (keeps the script tested)"
+        "--tiny", action="store_true", help="tiny configs (on CPU unless --device says otherwise)"
     )
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
+    ap.add_argument("--steps", type=int, default=5, help="timed fast-path steps per model")
+    ap.add_argument(
+        "--reference-steps", type=int, default=3, help="timed reference steps (0: skip)"
+    )
+    ap.add_argument("--repeats", type=int, default=6, help="timed edits and forwards per model")
     ap.add_argument("--rank", type=int, default=512)
     ap.add_argument("--only", nargs="*", help="model names to run")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="write OUT.json (after every model)")
     args = ap.parse_args(argv)
-    if args.tiny:
-        table, device, dtype, rank = TINY, "cpu", torch.float32, min(args.rank, 32)
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device: run with --tiny on CPU")
-        table, device, dtype, rank = REAL, "cuda", torch.bfloat16, args.rank
-    rows = [measure(n, f, o, device, dtype, args.steps, rank) for n, (f, o) in table.items()
-            if not args.only or n in args.only]  # fmt: skip
-    if args.out:
-        write_json(Path(args.out), {"device": device, "rows": rows})
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --tiny on CPU")
+    table = TINY if args.tiny else REAL
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    rank = min(args.rank, 32) if args.tiny else args.rank
+    args.rank = rank
+    report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+              "torch": torch.__version__, "dtype": str(dtype), "rank": rank, "batch_edits": 4,
+              "rows": [], "failed": {}}  # fmt: skip
+    for name, (family, overrides) in table.items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            report["rows"].append(measure(name, family, overrides, device, dtype, args))
+        except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others
+            traceback.print_exc()
+            report["failed"][name] = f"{type(e).__name__}: {e}"
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if args.out:
+            write_json(Path(args.out).with_suffix(".json"), report)
+    if report["failed"]:
+        raise SystemExit(f"failed: {', '.join(report['failed'])}")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,18 @@ def _load(name: str):
 
 def test_gpu_scale_tiny_runs_on_cpu_and_reports_every_model(tmp_path):
     out = tmp_path / "scale.json"
-    _load("gpu_scale").main(["--tiny", "--steps", "1", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
+    args = ["--tiny", "--steps", "1", "--reference-steps", "1", "--repeats", "1"]
+    _load("gpu_scale").main([*args, "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["failed"] == {}
+    rows = report["rows"]
     assert [r["model"] for r in rows] == ["gpt2-tiny", "llama-tiny"]
     for r in rows:
-        assert r["train_step_s"] > 0 and r["edit_s"] > 0 and r["editor_params_m"] > 0
+        assert r["fast"]["step_s"] > 0 and r["reference"]["step_s"] > 0
+        assert r["speedup"] == r["reference"]["step_s"] / r["fast"]["step_s"]
+        assert r["edit_s"] > 0 and r["forward_s"] > 0 and r["editor_params_m"] > 0
+        assert r["unchecked_over_forward"] == r["unchecked_edit_s"] / r["forward_s"]
+        assert len(r["edited"]) == {"gpt2-tiny": 6, "llama-tiny": 9}[r["model"]]  # last 3 MLPs
 
 
 def test_compare_merges_its_parts_and_mend_eval_rows_into_one_table(tmp_path, monkeypatch):
