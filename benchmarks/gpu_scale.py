@@ -3,6 +3,7 @@
     python benchmarks/gpu_scale.py --out docs/results/gpu-scale   # CUDA, bf16, all REAL models
     python benchmarks/gpu_scale.py --tiny                          # the same code on CPU, tiny configs
     python benchmarks/gpu_scale.py --tiny --device cuda            # a quick smoke test on a GPU
+    python benchmarks/gpu_scale.py --tiny --dtype bf16             # the GPU's bf16 model, on CPU (tested)
 
 Reports per model, measured side by side in one process: editor-training step time and peak
 memory of the fast path and of the reference path (`--reference-steps 0` skips it) and their
@@ -186,6 +187,10 @@ def main(argv=None) -> None:
         "--reference-steps", type=int, default=3, help="timed reference steps (0: skip)"
     )
     ap.add_argument("--repeats", type=int, default=6, help="timed edits and forwards per model")
+    ap.add_argument(
+        "--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+        help="base model dtype (auto: bf16 on CUDA, fp32 on CPU); the editor stays fp32",
+    )  # fmt: skip
     ap.add_argument("--rank", type=int, default=512)
     ap.add_argument("--only", nargs="*", help="model names to run")
     ap.add_argument("--out", default=None, help="write OUT.json (after every model)")
@@ -194,7 +199,8 @@ def main(argv=None) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --tiny on CPU")
     table = TINY if args.tiny else REAL
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.startswith("cuda"))
+    dtype = torch.bfloat16 if bf16 else torch.float32
     rank = min(args.rank, 32) if args.tiny else args.rank
     args.rank = rank
     report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -19,12 +21,14 @@ def _load(name: str):
     return module
 
 
-def test_gpu_scale_tiny_runs_on_cpu_and_reports_every_model(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the base model's dtype on a GPU
+def test_gpu_scale_tiny_runs_on_cpu_and_reports_every_model(tmp_path, dtype):
     out = tmp_path / "scale.json"
-    args = ["--tiny", "--steps", "1", "--reference-steps", "1", "--repeats", "1"]
+    args = ["--tiny", "--steps", "1", "--reference-steps", "1", "--repeats", "1", "--dtype", dtype]
     _load("gpu_scale").main([*args, "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["failed"] == {}
+    assert report["dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[dtype]
     rows = report["rows"]
     assert [r["model"] for r in rows] == ["gpt2-tiny", "llama-tiny"]
     for r in rows:
