@@ -16,6 +16,12 @@ token). With beta = 1 the edit leaves those inputs' outputs (nearly) unchanged; 
 the shielded change. Known facts whose prompt is one of the evaluated locality probes are left
 out of the bank (a shield on the probe itself would flatter locality). The unedited model's
 scores are computed once and shared.
+
+Part 3, the nearest known facts (`--neighbours M`, 0 skips): for each edit, the M bank facts
+nearest its prompt (the shield's nearness), how many change their first answer token under the
+(unshielded, checked) edit and how many now answer the edit's new target, split by whether the
+edit keeps its own CounterFact probe: whether a check on those neighbours could tell the edits
+that leak.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from mend.data.collate import context_length
 from mend.edit import MendEditor
 from mend.evaluate import evaluate
 from mend.files import write_json
+from mend.grads import capture
 from mend.models import load_model
 from mend.models.forward import scored_logits
-from mend.shield import KeyBank, Shield, known_facts
+from mend.shield import KeyBank, Shield, first_scored_inputs, known_facts
 
 
 @torch.no_grad()
@@ -74,6 +81,51 @@ def where_lost(me: MendEditor, data) -> dict:
     }
 
 
+@torch.no_grad()
+def first_answers(me: MendEditor, pairs) -> torch.Tensor:
+    """The argmax at each (prompt, answer) pair's first answer token."""
+    b = me.batch(pairs)
+    first = torch.ones_like(b.pos_row, dtype=torch.bool)
+    first[1:] = b.pos_row[1:] != b.pos_row[:-1]
+    return scored_logits(me.model, b).argmax(-1)[first]
+
+
+def neighbours(me: MendEditor, bank: KeyBank, facts, data, m: int) -> dict:
+    """Part 3: the m bank facts nearest each edit, under the edit."""
+    out = {True: [], False: []}  # own probe kept -> per edit (changed, to new target)
+    for r in tqdm(data, desc="nearest facts"):
+        b = me.batch([(r.prompt, r.target)])
+        captured, _ = capture(me.model, me.params, b, lambda lg: lg.logsumexp(-1).sum())
+        idx = bank.nearest_facts(first_scored_inputs(captured[bank.ref][0], b.pos_mask), m)
+        pairs = [facts[i] for i in idx.tolist()]
+        probe = r.locality[0]
+        new_first = int(me.batch([(r.prompt, r.target)]).labels[b.pos_mask][0])
+        before = first_answers(me, pairs + [(probe.prompt, probe.answer)])
+        result = me.edit([r])
+        try:
+            after = first_answers(me, pairs + [(probe.prompt, probe.answer)])
+        finally:
+            result.revert()
+        kept = bool(after[-1] == before[-1])
+        before, after = before[:-1], after[:-1]
+        out[kept].append(
+            (
+                int((after != before).sum()),
+                int(((after == new_first) & (before != new_first)).sum()),
+            )
+        )
+    summary = {}
+    for kept, rows in out.items():
+        n = max(len(rows), 1)
+        summary["probe kept" if kept else "probe lost"] = {
+            "edits": len(rows),
+            "neighbours_changed_mean": sum(c for c, _ in rows) / n,
+            "neighbours_to_new_target_mean": sum(t for _, t in rows) / n,
+            "edits_with_a_neighbour_to_new_target": sum(t > 0 for _, t in rows),
+        }
+    return {"m": m, **summary}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -82,9 +134,10 @@ def main(argv=None) -> None:
     ap.add_argument("--bank-data", default="counterfact-train")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--bank", type=int, default=3000, help="known facts in the key bank")
-    ap.add_argument("--shield", nargs="+", default=["16:0.5", "16:1"], metavar="M:BETA")
+    ap.add_argument("--shield", nargs="*", default=["16:0.5", "16:1"], metavar="M:BETA")
     ap.add_argument("--skip-where", action="store_true", help="skip part 1")
     ap.add_argument("--skip-off", action="store_true", help="skip the unshielded edits")
+    ap.add_argument("--neighbours", type=int, default=8, help="part 3: nearest facts (0: skip)")
     ap.add_argument("--out", default=None, help="JSON report (default: EDITOR/locality_probe.json)")
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
@@ -100,6 +153,9 @@ def main(argv=None) -> None:
     report["probes_left_out_of_bank"] = left  # the bank must not hold them
     print(f"bank: {len(facts)} facts ({left} left out: locality probes here)")
     bank = KeyBank.build(model, tok, plain.params, facts, plain.max_len, progress=True)
+    if args.neighbours:
+        report["neighbours"] = neighbours(plain, bank, facts, data, args.neighbours)
+        print(report["neighbours"])
     shared = {}
     for spec in ([] if args.skip_off else ["off"]) + args.shield:
         shield = None

@@ -93,15 +93,20 @@ class KeyBank:
             owner.append(batch.pos_row + i)
         return cls({n: torch.cat(v) for n, v in keys.items()}, torch.cat(owner), params[0].name)
 
-    def nearest(self, queries: torch.Tensor, m: int) -> dict[str, torch.Tensor]:
-        """{weight: (rows, in)} the inputs of the m facts nearest each query (Q, in) at the
-        reference weight, leaving out a fact that is the query's own."""
+    def nearest_facts(self, queries: torch.Tensor, m: int) -> torch.Tensor:
+        """Indices (into the bank's facts) of the m facts nearest the queries (Q, in) at the
+        reference weight by cosine, leaving out a fact that is a query's own; all queries'
+        picks together, nearest first per query."""
         q = queries.float().to(self._unit.device)
         sims = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ self._unit.T  # (Q, F)
         sims = sims.masked_fill(sims > SAME_FACT, float("-inf"))
         best = sims.topk(min(m, sims.shape[1]), dim=1)
-        picked = best.indices[best.values > float("-inf")]
-        rows = torch.isin(self.owner, self._fact[picked])
+        return self._fact[best.indices[best.values > float("-inf")]]
+
+    def nearest(self, queries: torch.Tensor, m: int) -> dict[str, torch.Tensor]:
+        """{weight: (rows, in)} the inputs of the m facts nearest each query (Q, in) at the
+        reference weight, leaving out a fact that is the query's own."""
+        rows = torch.isin(self.owner, self.nearest_facts(queries, m))
         return {n: k[rows].float() for n, k in self.keys.items()}
 
     def save(self, path: str | Path) -> None:
