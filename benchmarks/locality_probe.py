@@ -97,13 +97,13 @@ def neighbours(me: MendEditor, bank: KeyBank, facts, data, m: int) -> dict:
         b = me.batch([(r.prompt, r.target)])
         captured, _ = capture(me.model, me.params, b, lambda lg: lg.logsumexp(-1).sum())
         idx = bank.nearest_facts(first_scored_inputs(captured[bank.ref][0], b.pos_mask), m)
-        pairs = [facts[i] for i in idx.tolist()]
         probe = r.locality[0]
-        new_first = int(me.batch([(r.prompt, r.target)]).labels[b.pos_mask][0])
-        before = first_answers(me, pairs + [(probe.prompt, probe.answer)])
+        pairs = [facts[i] for i in idx.tolist()] + [(probe.prompt, probe.answer)]  # probe last
+        new_first = int(b.labels[b.pos_mask][0])
+        before = first_answers(me, pairs)
         result = me.edit([r])
         try:
-            after = first_answers(me, pairs + [(probe.prompt, probe.answer)])
+            after = first_answers(me, pairs)
         finally:
             result.revert()
         kept = bool(after[-1] == before[-1])
