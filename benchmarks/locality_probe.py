@@ -39,10 +39,10 @@ from mend.data.collate import context_length
 from mend.edit import MendEditor
 from mend.evaluate import evaluate
 from mend.files import write_json
-from mend.grads import capture
+from mend.grads import capture, first_scored_inputs
 from mend.models import load_model
 from mend.models.forward import scored_logits
-from mend.shield import KeyBank, Shield, first_scored_inputs, known_facts
+from mend.shield import KeyBank, Shield, known_facts
 
 
 @torch.no_grad()

@@ -142,6 +142,7 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
         dict(c_loc_late=-1),
         dict(late_fraction=1.5),
         dict(hard_locality="subject"),
+        dict(nearest_k=1),
     ],  # fmt: skip
 )
 def test_config_rejects_bad_values(bad):
@@ -230,6 +231,47 @@ def test_hard_locality_inputs_share_the_relation_or_the_true_answer():
     # Without a true answer, "answer" falls back to the relation.
     rows = build_rows(pool[40:], pool, cfg, random.Random(0), similar_index(pool, "answer"))
     assert sum(p.endswith("plays the") for p, _ in rows.loc) >= 17
+
+
+def test_nearest_hard_locality_ranks_by_the_edited_input_same_answer_first(tokenizer):
+    import random
+
+    from conftest import tiny_mend
+
+    from mend.errors import MendError
+    from mend.grads import capture, first_scored_inputs
+    from mend.train import build_rows, nearest_records, similar_index
+
+    me = tiny_mend(tokenizer)
+    pool = fact_requests(60)
+    k = 5
+    near = nearest_records(me, pool, k, chunk=7, progress=False)  # batches of mixed lengths
+    # The keys, one padded batch at a time, are the first edited weight's inputs that
+    # `capture` sees at the prompt's last token, row by row.
+    batch = me.batch([(r.prompt, None) for r in pool])
+    captured, _ = capture(me.model, me.params, batch, lambda lg: lg.sum())
+    u = first_scored_inputs(captured[me.params[0].name][0], batch.pos_mask)
+    unit = u / u.norm(dim=-1, keepdim=True)
+    for i, r in enumerate(pool):
+        assert len(near[i]) == k and i not in near[i]
+        same = [j for j in range(len(pool)) if j != i and pool[j].target_true == r.target_true]
+        others = [j for j in range(len(pool)) if j != i and j not in same]
+        cos = (unit @ unit[i]).tolist()
+        want = sorted(same, key=lambda j: -cos[j])[:k]
+        want += sorted(others, key=lambda j: -cos[j])[: k - len(want)]
+        # the same records in the same order, but for near-ties of cosine (bf16-free here)
+        assert [round(cos[j], 4) for j in near[i]] == [round(cos[j], 4) for j in want]
+    # 60 records over 10 true answers: some have >= k others sharing theirs, some fewer.
+    counts = [sum(q.target_true == r.target_true for q in pool) - 1 for r in pool]
+    assert min(counts) < k <= max(counts)
+    # Training draws half its extra locality inputs from those lists.
+    cfg = TrainConfig(loc_per_edit=8, hard_locality="nearest", nearest_k=k)
+    rows = build_rows(pool, pool, cfg, random.Random(0), similar_index(pool, "nearest", near))
+    index = {r.prompt: i for i, r in enumerate(pool)}
+    hits = sum(index[p] in near[g] for (p, _), g in zip(rows.loc, rows.loc_group, strict=True))
+    assert hits >= 4 * len(pool) * 0.9, hits  # 4 hard draws per edit (a few random ones hit)
+    with pytest.raises(MendError, match="nearest"):
+        similar_index(pool, "nearest")
 
 
 def test_joint_fraction_spreads_batched_steps_evenly():

@@ -69,10 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--loc-per-edit", type=int, default=4, help="extra locality inputs per edit")
     t.add_argument(
         "--hard-locality",
-        choices=("relation", "answer"),
+        choices=("relation", "answer", "nearest"),
         default="relation",
         help="half of the extra locality inputs are other records with the same relation "
-        "(prompt ending) or the same true answer",
+        "(prompt ending), the same true answer, or among the --nearest-k whose prompts' "
+        "inputs at the first edited weight are nearest the record's",
+    )
+    t.add_argument(
+        "--nearest-k",
+        type=int,
+        default=16,
+        help="neighbours per record for --hard-locality nearest",
     )
     t.add_argument("--cosine", action="store_true", help="cosine-decay lr to 10%% at --max-steps")
     t.add_argument(
@@ -235,7 +242,7 @@ def cmd_train(args) -> int:
         val_edits=args.val_edits, c_loc=args.c_loc, c_loc_late=args.c_loc_late,
         late_fraction=args.late_fraction, c_edit=args.c_edit, c_gap=args.c_gap,
         c_size=args.c_size, seed=args.seed, loc_per_edit=args.loc_per_edit,
-        hard_locality=args.hard_locality, cosine=args.cosine,
+        hard_locality=args.hard_locality, nearest_k=args.nearest_k, cosine=args.cosine,
         reference=args.reference, row_cache_mb=args.row_cache_mb, select=args.select,
         lower_precision=args.lower_precision, key_text=args.key_text or None,
         shared_rank=args.shared_rank,

@@ -106,9 +106,11 @@ class TrainConfig:
     grad_accum: int = 1
     clip: float = 100.0
     loc_per_edit: int = 4  # extra locality probes sampled from other records, per edit
-    # half of them are "hard": records with the same "relation" (prompt ending) or the same
-    # true "answer" (train.similar_key)
+    # half of them are "hard": records with the same "relation" (prompt ending), the same
+    # true "answer", or among the `nearest_k` records whose prompts' inputs at the first
+    # edited weight are "nearest" its own (train.similar_key, train.nearest_records)
     hard_locality: str = "relation"
+    nearest_k: int = 16
     edit_loss_on_prompt: bool = True  # besides the paraphrases, also train x_e itself
     max_steps: int = 2000
     minutes: float | None = None
@@ -158,10 +160,13 @@ class TrainConfig:
             raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
         if min(self.c_edit, self.c_loc, self.c_loc_late, self.c_gap, self.c_size) < 0:
             raise MendError("c_edit, c_loc, c_loc_late, c_gap and c_size must be >= 0")
-        if self.hard_locality not in ("relation", "answer"):
+        if self.hard_locality not in ("relation", "answer", "nearest"):
             raise MendError(
-                f"hard_locality must be 'relation' or 'answer', got {self.hard_locality!r}"
+                "hard_locality must be 'relation', 'answer' or 'nearest', "
+                f"got {self.hard_locality!r}"
             )
+        if self.nearest_k < 2:
+            raise MendError(f"nearest_k must be >= 2, got {self.nearest_k}")
         if not 0 <= self.late_fraction <= 1:
             raise MendError(f"late_fraction must be in [0, 1], got {self.late_fraction}")
         if self.minutes is not None and not self.minutes > 0:

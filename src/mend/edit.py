@@ -22,7 +22,7 @@ import torch
 from mend.data.collate import IGNORE, TokenBatch, context_length, make_batch
 from mend.editor.net import Editor
 from mend.errors import MendError
-from mend.grads import capture
+from mend.grads import capture, first_scored_inputs
 from mend.losses import edit_loss
 from mend.metrics import all_correct, rows_all
 from mend.models.forward import scored_logits
@@ -30,7 +30,7 @@ from mend.models.head import HeadArgmax
 from mend.models.params import find_editable
 from mend.models.upper import Prepared, UpperStack
 from mend.result import EditResult, WeightPool
-from mend.shield import Shield, first_scored_inputs
+from mend.shield import Shield
 from mend.types import EditRequest
 
 # {weight name: (u~ (G, T, in), delta~ (G, T, out))}: G edit groups of T token slots each;

@@ -66,6 +66,34 @@ def capture(
     return result, loss.detach()
 
 
+def first_scored_inputs(u: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
+    """(R, in): each row's input at its first scored position (the prompt's last token)."""
+    first = pos_mask.int().argmax(1)
+    return u[torch.arange(len(u), device=u.device), first]
+
+
+@torch.no_grad()
+def prompt_keys(model, param: EditableParam, batches) -> torch.Tensor:
+    """(rows, in) fp32: param's input at every row's first scored position, the rows of all
+    batches in order; one forward pass of the base model (no head) per batch."""
+    keys: list[torch.Tensor] = []
+    state = {"mask": None}
+
+    def hook(module, inputs, output):
+        keys.append(first_scored_inputs(inputs[0], state["mask"]).float().cpu())
+
+    handle = param.module.register_forward_hook(hook)
+    try:
+        for batch in batches:
+            state["mask"] = batch.pos_mask
+            model.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            )
+    finally:
+        handle.remove()
+    return torch.cat(keys) if keys else torch.zeros(0, param.in_out[0])
+
+
 @torch.no_grad()
 def key_moments(model, params: list[EditableParam], batches) -> dict[str, torch.Tensor]:
     """Second moment E[x x^T] (in, in), float64, of every edited matrix's input.

@@ -52,12 +52,6 @@ def known_facts(
     return facts, len(known) - len(facts)
 
 
-def first_scored_inputs(u: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
-    """(R, in): each row's input at its first scored position (the prompt's last token)."""
-    first = pos_mask.int().argmax(1)
-    return u[torch.arange(len(u), device=u.device), first]
-
-
 class KeyBank:
     """Edited-weight inputs at the answer positions of known facts.
 

@@ -35,7 +35,7 @@ from mend.data.text import read_text, token_windows
 from mend.edit import MendEditor, fit_shared
 from mend.editor.net import Editor
 from mend.errors import MendError
-from mend.grads import capture, key_moments
+from mend.grads import capture, key_moments, prompt_keys
 from mend.losses import edit_loss, gap_hinge, kl_base_edited, masked_nll, relative_change
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
@@ -76,23 +76,73 @@ def similar_key(r: EditRequest, by: str = "relation") -> str:
     "relation": prompts that end alike (`relation_key`). "answer": the same true answer,
     where known (else the relation): CounterFact's neighbourhood probes are other subjects
     with the edited subject's true answer, the inputs an edit most easily carries along
-    ("French" speakers made "Russian" speakers with the edited one).
+    ("French" speakers made "Russian" speakers with the edited one). "nearest": the record
+    itself, whose list `similar_index` takes from `nearest_records`.
     """
+    if by == "nearest":
+        return "prompt:" + r.prompt
     if by == "answer" and r.target_true:
         return "answer:" + r.target_true
     return "relation:" + relation_key(r.prompt)
 
 
-def similar_index(pool: list[EditRequest], by: str = "relation") -> dict[str, list[int]]:
+def similar_index(
+    pool: list[EditRequest], by: str = "relation", near: list[list[int]] | None = None
+) -> dict[str, list[int]]:
     """Records grouped by `similar_key`: hard locality inputs (a like fact of another subject).
 
     Each record is also listed under its relation, where a record without a true answer looks.
+    By "nearest", `near[i]` (from `nearest_records`) is pool record i's own group.
     """
+    if by == "nearest" and (near is None or len(near) != len(pool)):
+        raise MendError("hard_locality 'nearest' needs one list of nearest records per record")
     index: dict[str, list[int]] = {}
     for i, r in enumerate(pool):
+        if by == "nearest":
+            index[similar_key(r, by)] = near[i]
         for key in dict.fromkeys((similar_key(r, by), similar_key(r, "relation"))):
             index.setdefault(key, []).append(i)
     return index
+
+
+def nearest_records(
+    me: MendEditor,
+    pool: list[EditRequest],
+    k: int,
+    lower: torch.dtype | None = None,
+    chunk: int = 64,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Per pool record, the k other records an edit of it most easily spills onto, nearest first.
+
+    Nearness is the cosine of the prompts' inputs to the first edited weight at the prompt's
+    last token (the input an edit's rank-one change acts on in proportion), and records with
+    the same true answer (the one the edit takes away) come first: the k nearest of them,
+    topped up with the nearest others when fewer share it.
+
+    Args:
+        lower: dtype to autocast the base model's forward passes to (e.g. bf16), or None.
+    """
+    param = me.params[0]
+    order = sorted(range(len(pool)), key=lambda i: len(pool[i].prompt))
+    chunks = range(0, len(order), chunk)
+    batches = (me.batch([(pool[j].prompt, None) for j in order[i : i + chunk]]) for i in chunks)
+    bar = tqdm(batches, total=len(chunks), desc="prompt keys", disable=not progress, leave=False)
+    with torch.autocast(me.device.type, dtype=lower or torch.bfloat16, enabled=lower is not None):
+        keys = torch.empty(len(pool), param.in_out[0])
+        keys[torch.tensor(order, dtype=torch.long)] = prompt_keys(me.model, param, bar)
+    unit = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    answers: dict[str, int] = {}
+    answer = torch.tensor([answers.setdefault(r.target_true, len(answers)) if r.target_true
+                           else -1 for r in pool])  # fmt: skip
+    near = []
+    for i in range(0, len(pool), 1024):
+        sims = unit[i : i + 1024] @ unit.T  # (rows, pool), cosines in [-1, 1]
+        rows = answer[i : i + 1024, None]
+        sims = sims + 2.0 * ((rows == answer[None]) & (rows >= 0))  # same answer first
+        sims[torch.arange(len(sims)), torch.arange(i, i + len(sims))] = float("-inf")
+        near += sims.topk(min(k, len(pool) - 1), dim=1).indices.tolist()
+    return near
 
 
 def build_rows(
@@ -491,7 +541,11 @@ def train(
         opt.load_state_dict(state["optimizer"])
     base_lrs = [cfg.lr, cfg.alpha_lr]
     val_data = val_data[: cfg.val_edits]
-    similar = similar_index(train_data, cfg.hard_locality)
+    near = None
+    if cfg.hard_locality == "nearest":
+        low = stack.lower_dtype if stack is not None else None
+        near = nearest_records(me, train_data, cfg.nearest_k, low, progress=progress)
+    similar = similar_index(train_data, cfg.hard_locality, near)
     n_edits = min(cfg.batch_size, len(train_data)) // cfg.joint_edits * cfg.joint_edits
     if not n_edits:
         raise MendError(f"fewer training edits ({len(train_data)}) than joint_edits")
