@@ -304,42 +304,6 @@ def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_targe
         MendEditor(model, tokenizer, plain.editor, boost=(2, 0))
 
 
-def test_an_extra_step_adds_the_editors_change_at_the_edited_weights(tokenizer):
-    model = tiny_model("llama", len(tokenizer))
-    req = fact_requests(3)[1:2]
-    for alpha, boost, scale in ((3e-3, (1.0,), 1.0), (1e-4, (3.0,), 3.0)):
-        plain = _editor_for(model, tokenizer, init_alpha=alpha)  # its change misses the target
-        first = plain.edit(req)  # in place
-        d1 = {n: d.clone() for n, d in first.deltas.items()}
-        # MEND's change for the gradient at the weights so edited (a new anchor: unanchored)
-        second = MendEditor(model, tokenizer, plain.editor, boost=()).edit(req)
-        d2 = {n: d.clone() for n, d in second.deltas.items()}
-        second.revert()
-        first.revert()
-        stepped = MendEditor(model, tokenizer, plain.editor, boost=boost, steps=1)
-        result = stepped.edit(req)
-        got = {n: d.clone() for n, d in result.deltas.items()}
-        result.revert()
-        assert result.steps == 1 and result.scales == [scale]
-        for name in d1:
-            want = scale * (d1[name] + d2[name])  # (a boost scales every step's slots)
-            atol = 1e-5 * want.abs().max().item()
-            torch.testing.assert_close(got[name], want, rtol=1e-5, atol=atol)
-            if alpha == 3e-3:  # the second gradient is not the first's (the model moved),
-                # by 100x the tolerance above
-                assert (d2[name] - d1[name]).abs().max() > 1e-3 * want.abs().max()
-    # An edit that reaches its target takes no step; a negative count is an error.
-    strong = _editor_for(model, tokenizer, init_alpha=5e-3)
-    batch = strong.batch([(req[0].prompt, req[0].target)])
-    with torch.no_grad():
-        assert bool(strong.reaches_target(strong.factors(batch, rows_per_edit=None), batch))
-    result = MendEditor(model, tokenizer, strong.editor, steps=2).edit(req)
-    result.revert()
-    assert result.steps == 0 and result.scales == [1.0]
-    with pytest.raises(MendError, match="steps"):
-        MendEditor(model, tokenizer, plain.editor, steps=-1)
-
-
 def test_batched_edits_are_unchecked_unless_asked(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     reqs = fact_requests(3)[:2]

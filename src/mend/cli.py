@@ -26,11 +26,6 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
         "edits, --batch-size > 1, are applied unchecked)",
     )  # fmt: skip
     p.add_argument(
-        "--steps", type=int, default=0, metavar="N",
-        help="extra editor steps a checked single edit may take (each on the gradient at "
-        "the weights as edited so far) before it is scaled up; default 0",
-    )  # fmt: skip
-    p.add_argument(
         "--shield", type=float, default=None, metavar="BETA",
         help="keep BETA (0-1] of each single edit off the inputs of the known facts nearest "
         "it, from the editor's key bank (`mend fit-shield`; see mend/shield.py); batched "
@@ -272,8 +267,7 @@ def _mend_editor(args, model, tok):
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
 
-    editor = load_editor(args.editor, model)
-    me = MendEditor(model, tok, editor, boost=args.boost, steps=args.steps)
+    me = MendEditor(model, tok, load_editor(args.editor, model), boost=args.boost)
     if args.shield is not None:
         from mend.shield import BANK_FILE, KeyBank, Shield
 

@@ -7,10 +7,8 @@ so the edited layer's output is y - alpha * (x @ u~^T) @ delta~. That form serve
 editor; rows of one batch may even carry different edits), and `edit()` materialises Delta W
 and changes the weights in place, returning a revertible EditResult.
 
-`edit()` also checks its work: a single edit whose target is not yet the argmax after its
-prompt can take `steps` more editor steps (each the editor's transform of the edit loss's
-gradient at the edited weights, added to the change), and is then scaled up (by `boost`,
-e.g. 1.5 then 2); each check reruns only the edited blocks.
+`edit()` also checks its work: a request whose target is not yet the argmax after its prompt
+has its change scaled up (by `boost`, e.g. 1.5 then 2), which reruns only the edited blocks.
 """
 
 from __future__ import annotations
@@ -58,9 +56,6 @@ class MendEditor:
         boost: scales tried in turn by `edit()` on each request whose target is not yet the
             argmax (every token, after its prompt) under the edit; () applies MEND's change
             as it comes, unchecked.
-        steps: extra editor steps a single checked edit may take before it is scaled up:
-            while its target is not the answer, the editor's transform of the edit loss's
-            gradient at the weights as edited so far joins the change. 0: scaling only.
         check_batches: check edits that join others too: batched edits (several requests
             in one change) and anchored edits on a model that already carries edits. Off by
             default: scaling up the share of the requests that miss raised the interference
@@ -87,7 +82,6 @@ class MendEditor:
         tokenizer,
         editor: Editor,
         boost=DEFAULT_BOOST,
-        steps: int = 0,
         check_batches: bool = False,
         anchored: bool = True,
         shield: Shield | None = None,
@@ -95,13 +89,10 @@ class MendEditor:
         self.model, self.tokenizer, self.editor = model, tokenizer, editor
         self.shield = shield
         self.boost = tuple(float(s) for s in boost)
-        self.steps = steps
         self.check_batches = check_batches
         self.anchored = anchored
         if any(not s > 0 for s in self.boost):
             raise MendError(f"boost scales must be > 0, got {self.boost}")
-        if steps < 0:
-            raise MendError(f"steps must be >= 0, got {steps}")
         self.params = find_editable(model, editor.names)
         for p in self.params:
             if p.in_out != editor.shapes[p.name]:
@@ -271,48 +262,11 @@ class MendEditor:
                 ).tolist()
         return out
 
-    def _stepped(
-        self, factors: Factors, batch: TokenBatch, prepared, finish
-    ) -> tuple[Factors, int]:
-        """Up to `self.steps` more editor steps on a single edit that misses its target.
-
-        Each step captures the edit loss's gradient under the change so far (rerunning only
-        the edited blocks) and appends the editor's factors of it as more token slots.
-
-        Returns:
-            (the factors, unfinished; how many steps were added).
-        """
-        taken = 0
-        for _ in range(self.steps):
-            current = finish(factors)
-            if bool(self.reaches_target(current, batch, prepared).all()):
-                break
-            with self.applied(current):
-                if prepared is None:
-                    captured, _ = capture(
-                        self.model, self.params, batch, lambda lg: edit_loss(lg, batch)
-                    )
-                else:
-                    run = lambda: self._stack.project(  # noqa: E731
-                        self._stack.scored_hidden(prepared, scored_only=False)
-                    )
-                    captured, _ = capture(
-                        self.model, self.params, batch, lambda lg: edit_loss(lg, batch), run
-                    )
-            more = self.factors(batch, rows_per_edit=None, captured=captured)
-            factors = {
-                n: (torch.cat([u, more[n][0]], 1), torch.cat([d, more[n][1]], 1))
-                for n, (u, d) in factors.items()
-            }
-            taken += 1
-        return factors, taken
-
     def _boosted(self, factors: Factors, batch: TokenBatch, prepared, finish):
         """Scale up each request's share of a batched edit until its target is the argmax.
 
         Every request that misses its target is scaled by the next of `self.boost`; one that
-        never reaches it keeps the last scale. A request's share is its token slots of u~
-        (each editor step's slots hold the requests' rows in order).
+        never reaches it keeps the last scale. A request's share is its token slots of u~.
         `finish` turns scaled factors into the change that will be applied (`_shared_once`),
         so what is checked is exactly what lands.
 
@@ -321,15 +275,12 @@ class MendEditor:
         """
         scale = torch.ones(len(batch), device=batch.input_ids.device)
         current = finish(factors)
-        slots = next(iter(factors.values()))[0].shape[1]
-        per_step = len(batch) * batch.input_ids.shape[1]
         for s in self.boost:
             ok = self.reaches_target(current, batch, prepared)
             if bool(ok.all()):
                 break
             scale[~ok] = s
-            per_slot = scale.repeat_interleave(batch.input_ids.shape[1])
-            per_slot = per_slot.repeat(slots // per_step)[:, None]  # (slots, 1)
+            per_slot = scale.repeat_interleave(batch.input_ids.shape[1])[:, None]  # (R S, 1)
             current = finish({n: (u * per_slot, d) for n, (u, d) in factors.items()})
         return current, scale.tolist()
 
@@ -410,11 +361,9 @@ class MendEditor:
                     return shield(self._shared_once(f, keep))
 
                 alone = len(requests) == 1 and not anchored  # joins no other edit
-                scales, steps = None, 0
+                scales = None
                 if self.boost and (alone or self.check_batches):
                     # (the upper blocks' recorded inputs do not depend on the edited weights)
-                    if alone and self.steps:
-                        factors, steps = self._stepped(factors, batch, prepared, finish)
                     factors, scales = self._boosted(factors, batch, prepared, finish)
                 else:
                     factors = finish(factors)
@@ -423,7 +372,7 @@ class MendEditor:
                     raise MendError(f"the edit is not finite at {bad} (weights left unchanged)")
                 updates = {p.name: pair for p, pair in self._factor_pairs(factors)}
                 result = EditResult(self.model, self.params, updates, 0.0, self._spares)
-                result.scales, result.steps = scales, steps
+                result.scales = scales
         finally:
             self.editor.train(was_training)
         result.seconds = time.perf_counter() - start

@@ -135,7 +135,7 @@ def evaluate(
             because every method reverts to the exact weights after each batch.
         per_edit: also list, under "edits", each request's prompt, target, metrics (means
             over its probes), its batch's edit time and, where the method scaled it up to
-            reach its target (`EditResult.scales`), the scale and the extra editor steps.
+            reach its target (`EditResult.scales`), the scale.
 
     Returns:
         {"n_edits", "rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score",
@@ -167,8 +167,7 @@ def evaluate(
             scales = getattr(result, "scales", None) or [None] * len(chunk)
             for r, outcomes, scale in zip(chunk, edited["per_request"], scales, strict=True):
                 edits.append({"prompt": r.prompt, "target": r.target} | summarize(outcomes)
-                             | {"edit_seconds": result.seconds, "scale": scale,
-                                "steps": getattr(result, "steps", 0)})  # fmt: skip
+                             | {"edit_seconds": result.seconds, "scale": scale})  # fmt: skip
     report = {"n_edits": len(requests), "batch_size": batch_size}
     report |= summarize(post)
     report["edit_seconds_median"] = statistics.median(seconds) if seconds else None

@@ -60,7 +60,6 @@ class EditResult:
         seconds: wall time of the edit.
         scales: for an edit that checked itself (`MendEditor` boost), the scale each request's
             change got (1.0: as MEND computed it); None for an unchecked edit.
-        steps: extra editor steps the checked edit took (`MendEditor` steps).
     """
 
     def __init__(
@@ -74,7 +73,6 @@ class EditResult:
         self.model = model
         self.seconds = seconds
         self.scales: list[float] | None = None
-        self.steps = 0
         self._updates = updates
         self._deltas: dict[str, torch.Tensor] | None = None
         self._pool = pool
