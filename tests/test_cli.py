@@ -193,6 +193,18 @@ def test_eval_reports_every_metric(env, trained, tmp_path, capsys):
     for key in METRICS:
         assert report5["pre"][key] == pytest.approx(report["pre"][key]), key
 
+    # --skip 2 --limit 3 scores records 3-5: the same edits, one by one, as the first run's.
+    skipped = tmp_path / "skipped.json"
+    assert main([*argv[:-1], str(skipped), "--limit", "3", "--skip", "2"]) == 0
+    tail = json.loads(skipped.read_text())["edits"]
+    assert [e["prompt"] for e in tail] == [e["prompt"] for e in report["edits"][2:]]
+    for key in ("rewrite_acc", "locality_acc", "efficacy_score"):
+        assert [e[key] for e in tail] == pytest.approx([e[key] for e in report["edits"][2:]])
+    bad = tmp_path / "bad.json"
+    _fails(capsys, [*argv[:-1], str(bad), "--skip", "-1"], "--skip")
+    _fails(capsys, [*argv[:-1], str(bad), "--skip", "500"], "no records left", "--skip 500")
+    assert not bad.exists()
+
 
 def test_edit_prints_and_saves_model_and_delta(env, trained, tmp_path, capsys, caplog):
     m2, delta = tmp_path / "m2", tmp_path / "d.safetensors"

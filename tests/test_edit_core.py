@@ -293,6 +293,12 @@ def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_targe
         # (deltas read back from fp32 weights: rounding at the weights' scale)
         atol = 1e-4 * base[name].abs().max().item()
         torch.testing.assert_close(more[name], 4 * base[name], rtol=1e-4, atol=atol)
+    # One that no scale brings to its target gets MEND's own change back, exactly.
+    short = MendEditor(model, tokenizer, plain.editor, boost=(1.5, 2))
+    result = short.edit(req)
+    result.revert()
+    assert result.scales == [1.0]
+    assert all(torch.equal(d, base[n]) for n, d in _delta_of(short, req).items())
     # A request that its plain change already reaches is left exactly as MEND made it.
     plain = _editor_for(model, tokenizer, init_alpha=1e-2)
     boosted = MendEditor(model, tokenizer, plain.editor, boost=(2, 4, 8))
@@ -311,7 +317,14 @@ def test_batched_edits_are_unchecked_unless_asked(tokenizer):
     base = _delta_of(plain, reqs)
     default = _delta_of(MendEditor(model, tokenizer, plain.editor, boost=(2, 4)), reqs)
     assert all(torch.equal(default[n], base[n]) for n in base)
+    with torch.no_grad():  # (a training-mode pass sets the normalisers' running statistics)
+        plain.factors(plain.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=None)
+    base = _delta_of(plain, reqs)
     checked = MendEditor(model, tokenizer, plain.editor, boost=(2, 4), check_batches=True)
+    result = checked.edit(reqs)
+    result.revert()
+    # The second request reaches its target at 4x; the first at no scale, so it keeps 1x.
+    assert result.scales == [1.0, 4.0]
     scaled = _delta_of(checked, reqs)
     assert all(scaled[n].abs().max() > 1.5 * base[n].abs().max() for n in base)
 
@@ -496,8 +509,13 @@ def test_anchored_edits_on_an_edited_model_are_unchecked_by_default(tokenizer):
     gets MEND's change as it comes, while the first edit is scaled up by the check."""
     model = tiny_model("llama", len(tokenizer))
     reqs = fact_requests(2)
-    checked = _editor_for(model, tokenizer, boost=(1.5, 2.0), init_alpha=1e-3)
+    checked = _editor_for(model, tokenizer, boost=(1.5, 2.0), init_alpha=3e-3)
+    with torch.no_grad():  # (a training-mode pass sets the normalisers' running statistics)
+        checked.factors(checked.batch([(reqs[0].prompt, reqs[0].target)]), rows_per_edit=None)
     plain = MendEditor(model, tokenizer, checked.editor, boost=())
+    first = checked.edit(reqs[0])
+    first.revert()
+    assert first.scales[0] > 1  # the check scales the first edit up (it reaches its target)
     assert not _delta_equal(_delta_of(checked, reqs[:1]), _delta_of(plain, reqs[:1]))
     later = []
     for me in (checked, plain):

@@ -143,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--loc-data", default="wikitext-valid", help="ft-kl: text for locality inputs")
     e.add_argument("--data", required=True)
     e.add_argument("--limit", type=int, default=None)
+    e.add_argument(
+        "--skip", type=int, default=0, metavar="N",
+        help="leave out the first N records (e.g. to tune settings on records a benchmark "
+        "does not score)",
+    )  # fmt: skip
     e.add_argument("--batch-size", type=int, default=1, help="edits applied together")
     e.add_argument("--out", required=True, help="report JSON path")
 
@@ -301,11 +306,16 @@ def cmd_eval(args) -> int:
         raise MendError("--limit must be >= 1")
     if args.batch_size < 1:
         raise MendError("--batch-size must be >= 1")
+    if args.skip < 0:
+        raise MendError("--skip must be >= 0")
     if args.method == "mend" and not args.editor:
         raise MendError("--method mend needs --editor")
     model, tok = _load(args)
     method = _method(args, model, tok)
-    data = _load_data(args.data, tok, model, args.limit)
+    end = None if args.limit is None else args.skip + args.limit
+    data = _load_data(args.data, tok, model, end)[args.skip :]
+    if not data:
+        raise MendError(f"no records left after --skip {args.skip}")
     report = evaluate(model, tok, method, data, batch_size=args.batch_size, per_edit=True)
     edits = report.pop("edits")  # (listed last in the file)
     report |= {"method": args.method, "model": args.model, "editor": args.editor, "data": args.data}

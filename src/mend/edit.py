@@ -266,22 +266,32 @@ class MendEditor:
         """Scale up each request's share of a batched edit until its target is the argmax.
 
         Every request that misses its target is scaled by the next of `self.boost`; one that
-        never reaches it keeps the last scale. A request's share is its token slots of u~.
-        `finish` turns scaled factors into the change that will be applied (`_shared_once`),
-        so what is checked is exactly what lands.
+        never reaches it goes back to MEND's own change (scale 1): the larger change bought
+        nothing on its prompt and reaches further into other inputs. A request's share is
+        its token slots of u~. `finish` turns scaled factors into the change that will be
+        applied (`_shared_once`), so what is checked is exactly what lands.
 
         Returns:
             (the finished factors, each request's scale).
         """
         scale = torch.ones(len(batch), device=batch.input_ids.device)
+
+        def scaled() -> Factors:
+            per_slot = scale.repeat_interleave(batch.input_ids.shape[1])[:, None]  # (R S, 1)
+            return finish({n: (u * per_slot, d) for n, (u, d) in factors.items()})
+
         current = finish(factors)
         for s in self.boost:
             ok = self.reaches_target(current, batch, prepared)
             if bool(ok.all()):
                 break
             scale[~ok] = s
-            per_slot = scale.repeat_interleave(batch.input_ids.shape[1])[:, None]  # (R S, 1)
-            current = finish({n: (u * per_slot, d) for n, (u, d) in factors.items()})
+            current = scaled()
+        else:
+            missed = ~self.reaches_target(current, batch, prepared)
+            if bool(missed.any()):
+                scale[missed] = 1.0
+                current = scaled()
         return current, scale.tolist()
 
     def anchor_norm_sq(self, name: str) -> torch.Tensor:
