@@ -16,3 +16,10 @@ for b in 0.25 0.5; do
   mend eval --editor runs/w5L --data ../shared/data/counterfact/counterfact-val.json --limit 500 \
     --shield $b --out runs/w5/report500_last_shield$b.json
 done
+# Session 17, with the check that gives an edit no scale brings to its target MEND's own change:
+mend eval --editor runs/w5/last --data ../shared/data/counterfact/counterfact-val.json --limit 500 \
+  --out runs/w5/report500_last_v2.json
+for l in "1.5 2" "1.25 1.5 2"; do   # boost ladders on val records 501-750
+  mend eval --editor runs/w5/last --data ../shared/data/counterfact/counterfact-val.json \
+    --skip 500 --limit 250 --boost $l --out runs/w5/tune_$(echo $l | tr ' ' _).json
+done

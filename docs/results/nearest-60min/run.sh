@@ -19,6 +19,8 @@ for l in "1.5 2" "1.25 1.5 2" "1.5 2 3" "1.25 1.5 2 3"; do
   mend eval --editor runs/w6/last --data $val --skip 500 --limit 250 --boost $l \
     --out runs/w6/tune_$(echo $l | tr ' ' _).json
 done
+mend eval --editor runs/w6/last --data $val --limit 500 --boost 1.25 1.5 2 \
+  --out runs/w6/report500_last_v2_boost125.json       # the ladder chosen on 501-750
 
 # With the check before this session (commit 9f4e5c0: an edit that no scale brought to its
 # target kept the last scale), the *_oldcheck.json reports:
