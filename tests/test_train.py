@@ -266,7 +266,11 @@ def test_nearest_hard_locality_ranks_by_the_edited_input_same_answer_first(token
     assert min(counts) < k <= max(counts)
     # Training draws half its extra locality inputs from those lists.
     cfg = TrainConfig(loc_per_edit=8, hard_locality="nearest", nearest_k=k)
-    rows = build_rows(pool, pool, cfg, random.Random(0), similar_index(pool, "nearest", near))
+    kept = [list(n) for n in near]
+    index = similar_index(pool, "nearest", near)
+    assert near == kept  # (not extended in place)
+    assert all(index[f"prompt:{r.prompt}"] == kept[i] for i, r in enumerate(pool))
+    rows = build_rows(pool, pool, cfg, random.Random(0), index)
     index = {r.prompt: i for i, r in enumerate(pool)}
     hits = sum(index[p] in near[g] for (p, _), g in zip(rows.loc, rows.loc_group, strict=True))
     assert hits >= 4 * len(pool) * 0.9, hits  # 4 hard draws per edit (a few random ones hit)

@@ -98,9 +98,11 @@ def similar_index(
         raise MendError("hard_locality 'nearest' needs one list of nearest records per record")
     index: dict[str, list[int]] = {}
     for i, r in enumerate(pool):
-        if by == "nearest":
-            index[similar_key(r, by)] = near[i]
-        for key in dict.fromkeys((similar_key(r, by), similar_key(r, "relation"))):
+        keys = dict.fromkeys((similar_key(r, by), similar_key(r, "relation")))
+        if by == "nearest":  # (the record itself is not among its nearest)
+            index[similar_key(r, by)] = list(near[i])
+            keys = [similar_key(r, "relation")]
+        for key in keys:
             index.setdefault(key, []).append(i)
     return index
 
