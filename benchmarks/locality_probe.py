@@ -39,7 +39,7 @@ from mend.data.collate import context_length
 from mend.edit import MendEditor
 from mend.evaluate import evaluate
 from mend.files import write_json
-from mend.grads import capture, first_scored_inputs
+from mend.grads import prompt_keys
 from mend.models import load_model
 from mend.models.forward import scored_logits
 from mend.shield import KeyBank, Shield, known_facts
@@ -93,10 +93,10 @@ def first_answers(me: MendEditor, pairs) -> torch.Tensor:
 def neighbours(me: MendEditor, bank: KeyBank, facts, data, m: int) -> dict:
     """Part 3: the m bank facts nearest each edit, under the edit."""
     out = {True: [], False: []}  # own probe kept -> per edit (changed, to new target)
+    ref = next(p for p in me.params if p.name == bank.ref)
     for r in tqdm(data, desc="nearest facts"):
         b = me.batch([(r.prompt, r.target)])
-        captured, _ = capture(me.model, me.params, b, lambda lg: lg.logsumexp(-1).sum())
-        idx = bank.nearest_facts(first_scored_inputs(captured[bank.ref][0], b.pos_mask), m)
+        idx = bank.nearest_facts(prompt_keys(me.model, ref, [b]), m)
         probe = r.locality[0]
         pairs = [facts[i] for i in idx.tolist()] + [(probe.prompt, probe.answer)]  # probe last
         new_first = int(b.labels[b.pos_mask][0])

@@ -52,6 +52,12 @@ def known_facts(
     return facts, len(known) - len(facts)
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's rows scaled to unit length (fp32): their products are cosines."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 class KeyBank:
     """Edited-weight inputs at the answer positions of known facts.
 
@@ -65,8 +71,7 @@ class KeyBank:
         self.keys, self.owner, self.ref = keys, owner, ref
         first = torch.ones_like(owner, dtype=torch.bool)
         first[1:] = owner[1:] != owner[:-1]  # rows are grouped by fact, in order
-        ref_keys = keys[ref][first].float()
-        self._unit = ref_keys / ref_keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self._unit = unit_rows(keys[ref][first])
         self._fact = owner[first]
 
     @classmethod
@@ -91,8 +96,7 @@ class KeyBank:
         """Indices (into the bank's facts) of the m facts nearest the queries (Q, in) at the
         reference weight by cosine, leaving out a fact that is a query's own; all queries'
         picks together, nearest first per query."""
-        q = queries.float().to(self._unit.device)
-        sims = (q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ self._unit.T  # (Q, F)
+        sims = unit_rows(queries.to(self._unit.device)) @ self._unit.T  # (Q, F)
         sims = sims.masked_fill(sims > SAME_FACT, float("-inf"))
         best = sims.topk(min(m, sims.shape[1]), dim=1)
         return self._fact[best.indices[best.values > float("-inf")]]

@@ -41,6 +41,7 @@ from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable
 from mend.models.upper import RowCache, UpperStack, bf16_is_fast
+from mend.shield import unit_rows
 from mend.types import EditRequest, Probe
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,11 @@ def similar_index(
         raise MendError("hard_locality 'nearest' needs one list of nearest records per record")
     index: dict[str, list[int]] = {}
     for i, r in enumerate(pool):
-        keys = dict.fromkeys((similar_key(r, by), similar_key(r, "relation")))
-        if by == "nearest":  # (the record itself is not among its nearest)
+        if by == "nearest":  # its own list (a copy), which does not hold the record itself
             index[similar_key(r, by)] = list(near[i])
             keys = [similar_key(r, "relation")]
+        else:
+            keys = dict.fromkeys((similar_key(r, by), similar_key(r, "relation")))
         for key in keys:
             index.setdefault(key, []).append(i)
     return index
@@ -133,7 +135,7 @@ def nearest_records(
     with torch.autocast(me.device.type, dtype=lower or torch.bfloat16, enabled=lower is not None):
         keys = torch.empty(len(pool), param.in_out[0])
         keys[torch.tensor(order, dtype=torch.long)] = prompt_keys(me.model, param, bar)
-    unit = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = unit_rows(keys)
     answers: dict[str, int] = {}
     answer = torch.tensor([answers.setdefault(r.target_true, len(answers)) if r.target_true
                            else -1 for r in pool])  # fmt: skip
