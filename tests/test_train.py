@@ -143,6 +143,8 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
         dict(late_fraction=1.5),
         dict(hard_locality="subject"),
         dict(nearest_k=1),
+        dict(hard_locality_late="subject", c_loc_late=2),
+        dict(hard_locality_late="answer"),  # no late part of the run
     ],  # fmt: skip
 )
 def test_config_rejects_bad_values(bad):
@@ -194,6 +196,34 @@ def test_gap_hinge_counts_only_lost_lead_up_to_tau():
     gap_hinge(base, edited).backward()
     # pushes the unedited top up and the runner-up down, nothing where the lead grew
     assert edited.grad[0, 0] < 0 < edited.grad[0, 1] and edited.grad[2].abs().sum() == 0
+
+
+def test_late_hard_locality_draws_from_its_own_index(tmp_path, tokenizer, monkeypatch):
+    import importlib
+
+    mt = importlib.import_module("mend.train")  # the module (mend.train is also the function)
+    cfg = _cfg(max_steps=8, c_loc_late=2.0, late_fraction=0.5, hard_locality="relation",
+               hard_locality_late="answer")  # fmt: skip
+    assert [mt.step_config(s, cfg).hard_locality for s in range(8)] == (
+        ["relation"] * 4 + ["answer"] * 4
+    )
+    seen = []
+
+    def spy(reqs, pool, scfg, rng=None, similar=None, joint=1):
+        if rng is not None:  # a training step: its mode, and the kinds of group in its index
+            kinds = sorted({k.split(":")[0] for k in similar})
+            seen.append((scfg.hard_locality, scfg.c_loc, kinds))
+        return build_rows(reqs, pool, scfg, rng, similar, joint)
+
+    build_rows = mt.build_rows
+    monkeypatch.setattr(mt, "build_rows", spy)
+    data, val = fact_requests(40, seed=1), fact_requests(4, seed=2)
+    mt.train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path,
+             progress=False)  # fmt: skip
+    assert (
+        seen
+        == [("relation", 1.0, ["relation"])] * 4 + [("answer", 2.0, ["answer", "relation"])] * 4
+    )
 
 
 def test_hard_locality_inputs_share_the_relation_or_the_true_answer():

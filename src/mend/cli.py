@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         "inputs at the first edited weight are nearest the record's",
     )
     t.add_argument(
+        "--hard-locality-late",
+        choices=("relation", "answer", "nearest"),
+        default=None,
+        help="--hard-locality in the late part of the run (needs --c-loc-late; default: the same)",
+    )
+    t.add_argument(
         "--nearest-k",
         type=int,
         default=16,
@@ -247,7 +253,8 @@ def cmd_train(args) -> int:
         val_edits=args.val_edits, c_loc=args.c_loc, c_loc_late=args.c_loc_late,
         late_fraction=args.late_fraction, c_edit=args.c_edit, c_gap=args.c_gap,
         c_size=args.c_size, seed=args.seed, loc_per_edit=args.loc_per_edit,
-        hard_locality=args.hard_locality, nearest_k=args.nearest_k, cosine=args.cosine,
+        hard_locality=args.hard_locality,
+        hard_locality_late=args.hard_locality_late, nearest_k=args.nearest_k, cosine=args.cosine,
         reference=args.reference, row_cache_mb=args.row_cache_mb, select=args.select,
         lower_precision=args.lower_precision, key_text=args.key_text or None,
         shared_rank=args.shared_rank,

@@ -110,6 +110,8 @@ class TrainConfig:
     # true "answer", or among the `nearest_k` records whose prompts' inputs at the first
     # edited weight are "nearest" its own (train.similar_key, train.nearest_records)
     hard_locality: str = "relation"
+    # hard_locality in the late part of the run (with c_loc_late); None: hard_locality throughout
+    hard_locality_late: str | None = None
     nearest_k: int = 16
     edit_loss_on_prompt: bool = True  # besides the paraphrases, also train x_e itself
     max_steps: int = 2000
@@ -160,11 +162,15 @@ class TrainConfig:
             raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
         if min(self.c_edit, self.c_loc, self.c_loc_late, self.c_gap, self.c_size) < 0:
             raise MendError("c_edit, c_loc, c_loc_late, c_gap and c_size must be >= 0")
-        if self.hard_locality not in ("relation", "answer", "nearest"):
-            raise MendError(
-                "hard_locality must be 'relation', 'answer' or 'nearest', "
-                f"got {self.hard_locality!r}"
-            )
+        for name in ("hard_locality", "hard_locality_late"):
+            value = getattr(self, name)
+            if value not in ("relation", "answer", "nearest") and (name, value) != (
+                "hard_locality_late",
+                None,
+            ):
+                raise MendError(f"{name} must be 'relation', 'answer' or 'nearest', got {value!r}")
+        if self.hard_locality_late is not None and not self.c_loc_late:
+            raise MendError("hard_locality_late needs a late part of the run (c_loc_late > 0)")
         if self.nearest_k < 2:
             raise MendError(f"nearest_k must be >= 2, got {self.nearest_k}")
         if not 0 <= self.late_fraction <= 1:

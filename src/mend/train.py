@@ -452,8 +452,13 @@ def is_late(step: int, cfg: TrainConfig) -> bool:
 
 
 def step_config(step: int, cfg: TrainConfig) -> TrainConfig:
-    """The configuration of one step: c_loc_late replaces c_loc in the late part of the run."""
-    return replace(cfg, c_loc=cfg.c_loc_late) if is_late(step, cfg) else cfg
+    """The configuration of one step: in the late part of the run c_loc_late replaces c_loc,
+    and hard_locality_late (where set) hard_locality."""
+    if not is_late(step, cfg):
+        return cfg
+    return replace(
+        cfg, c_loc=cfg.c_loc_late, hard_locality=cfg.hard_locality_late or cfg.hard_locality
+    )
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -546,10 +551,11 @@ def train(
     base_lrs = [cfg.lr, cfg.alpha_lr]
     val_data = val_data[: cfg.val_edits]
     near = None
-    if cfg.hard_locality == "nearest":
+    modes = dict.fromkeys([cfg.hard_locality, cfg.hard_locality_late or cfg.hard_locality])
+    if "nearest" in modes:
         low = stack.lower_dtype if stack is not None else None
         near = nearest_records(me, train_data, cfg.nearest_k, low, progress=progress)
-    similar = similar_index(train_data, cfg.hard_locality, near)
+    similar = {by: similar_index(train_data, by, near) for by in modes}
     n_edits = min(cfg.batch_size, len(train_data)) // cfg.joint_edits * cfg.joint_edits
     if not n_edits:
         raise MendError(f"fewer training edits ({len(train_data)}) than joint_edits")
@@ -586,8 +592,9 @@ def train(
         for _ in range(cfg.grad_accum):
             reqs = rng.sample(train_data, n_edits)
             joint = joint_at(step, cfg)
-            rows = build_rows(reqs, train_data, cfg, rng, similar, joint)
-            loss, stats = edit_step(me, reqs, rows, step_config(step, cfg), stack, joint)
+            scfg = step_config(step, cfg)
+            rows = build_rows(reqs, train_data, scfg, rng, similar[scfg.hard_locality], joint)
+            loss, stats = edit_step(me, reqs, rows, scfg, stack, joint)
             (loss / cfg.grad_accum).backward()
             for k, v in stats.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
