@@ -125,3 +125,18 @@ def test_batched_edits_are_not_shielded(tokenizer):
     for name in a:
         assert torch.equal(a[name], b.deltas[name])
     b.revert()
+
+
+def test_bank_keys_are_the_captured_inputs_at_the_answer_positions(tokenizer):
+    from mend.data.collate import make_batch
+    from mend.grads import capture
+
+    plain, facts, bank = _setup(tokenizer)
+    pairs = [(r.prompt, r.target_true) for r in facts[4:]]
+    batch = make_batch(tokenizer, pairs, None, plain.max_len)
+    captured, _ = capture(plain.model, plain.params, batch, lambda lg: lg.logsumexp(-1).sum())
+    assert bank.keys.keys() == captured.keys()
+    for name, (u, _) in captured.items():  # the bank's forward-only pass, capture's inputs
+        assert bank.keys[name].shape == (int(batch.pos_mask.sum()), u.shape[-1])
+        torch.testing.assert_close(bank.keys[name], u[batch.pos_mask], rtol=0, atol=1e-6)
+    assert bank.owner.tolist() == batch.pos_row.tolist()

@@ -73,16 +73,23 @@ def first_scored_inputs(u: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def prompt_keys(model, param: EditableParam, batches) -> torch.Tensor:
-    """(rows, in) fp32: param's input at every row's first scored position, the rows of all
-    batches in order; one forward pass of the base model (no head) per batch."""
-    keys: list[torch.Tensor] = []
+def scored_inputs(
+    model, params: list[EditableParam], batches, first: bool = False
+) -> dict[str, torch.Tensor]:
+    """{name: (rows, in) fp32}: each param's input at every scored position of every batch, in
+    order (first: only each row's first scored position, the prompt's last token); one forward
+    pass of the base model (no head, no backward) per batch."""
+    found: dict[str, list[torch.Tensor]] = {p.name: [] for p in params}
     state = {"mask": None}
 
-    def hook(module, inputs, output):
-        keys.append(first_scored_inputs(inputs[0], state["mask"]).float().cpu())
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            x, mask = inputs[0], state["mask"]
+            found[name].append((first_scored_inputs(x, mask) if first else x[mask]).float())
 
-    handle = param.module.register_forward_hook(hook)
+        return hook
+
+    handles = [p.module.register_forward_hook(make_hook(p.name)) for p in params]
     try:
         for batch in batches:
             state["mask"] = batch.pos_mask
@@ -90,8 +97,17 @@ def prompt_keys(model, param: EditableParam, batches) -> torch.Tensor:
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             )
     finally:
-        handle.remove()
-    return torch.cat(keys) if keys else torch.zeros(0, param.in_out[0])
+        for h in handles:
+            h.remove()
+    return {
+        p.name: torch.cat(found[p.name]) if found[p.name] else torch.zeros(0, p.in_out[0])
+        for p in params
+    }
+
+
+def prompt_keys(model, param: EditableParam, batches) -> torch.Tensor:
+    """(rows, in) fp32: param's input at every row's first scored position, rows in order."""
+    return scored_inputs(model, [param], batches, first=True)[param.name]
 
 
 @torch.no_grad()

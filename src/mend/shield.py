@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mend.data.collate import make_batch
 from mend.errors import MendError
 from mend.files import atomic_write, read_tensors
-from mend.grads import capture
+from mend.grads import scored_inputs
 from mend.models.params import EditableParam
 from mend.types import EditRequest
 
@@ -86,9 +86,8 @@ class KeyBank:
         owner = []
         for i in tqdm(range(0, len(facts), chunk), desc="key bank", disable=not progress):
             batch = make_batch(tokenizer, facts[i : i + chunk], None, max_len).to(device)
-            captured, _ = capture(model, params, batch, lambda lg: lg.logsumexp(-1).sum())
-            for name, (u, _) in captured.items():
-                keys[name].append(u[batch.pos_mask])
+            for name, u in scored_inputs(model, params, [batch]).items():
+                keys[name].append(u)
             owner.append(batch.pos_row + i)
         return cls({n: torch.cat(v) for n, v in keys.items()}, torch.cat(owner), params[0].name)
 

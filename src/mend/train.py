@@ -133,8 +133,9 @@ def nearest_records(
     batches = (me.batch([(pool[j].prompt, None) for j in order[i : i + chunk]]) for i in chunks)
     bar = tqdm(batches, total=len(chunks), desc="prompt keys", disable=not progress, leave=False)
     with torch.autocast(me.device.type, dtype=lower or torch.bfloat16, enabled=lower is not None):
-        keys = torch.empty(len(pool), param.in_out[0])
-        keys[torch.tensor(order, dtype=torch.long)] = prompt_keys(me.model, param, bar)
+        sorted_keys = prompt_keys(me.model, param, bar)
+    keys = torch.empty_like(sorted_keys)
+    keys[torch.tensor(order, dtype=torch.long, device=keys.device)] = sorted_keys
     unit = unit_rows(keys)
     answers: dict[str, int] = {}
     answer = torch.tensor([answers.setdefault(r.target_true, len(answers)) if r.target_true
