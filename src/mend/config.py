@@ -162,13 +162,14 @@ class TrainConfig:
             raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
         if min(self.c_edit, self.c_loc, self.c_loc_late, self.c_gap, self.c_size) < 0:
             raise MendError("c_edit, c_loc, c_loc_late, c_gap and c_size must be >= 0")
-        for name in ("hard_locality", "hard_locality_late"):
-            value = getattr(self, name)
-            if value not in ("relation", "answer", "nearest") and (name, value) != (
-                "hard_locality_late",
-                None,
-            ):
-                raise MendError(f"{name} must be 'relation', 'answer' or 'nearest', got {value!r}")
+        modes = ("relation", "answer", "nearest")
+        if self.hard_locality not in modes:
+            raise MendError(f"hard_locality must be one of {modes}, got {self.hard_locality!r}")
+        if self.hard_locality_late not in (*modes, None):
+            raise MendError(
+                f"hard_locality_late must be one of {modes} or None, "
+                f"got {self.hard_locality_late!r}"
+            )
         if self.hard_locality_late is not None and not self.c_loc_late:
             raise MendError("hard_locality_late needs a late part of the run (c_loc_late > 0)")
         if self.nearest_k < 2:
