@@ -16,6 +16,8 @@ for seed in 0 1; do  # w7 (seed 0) and w8 (seed 1)
   mend eval --editor $out/last --data $val --limit 500 --boost 1.25 1.5 2 \
     --out $out/report500_last_boost125.json
 done
+mend eval --editor runs/w7/last --data $val --limit 500 --boost \
+  --out runs/w7/report500_last_unchecked.json                       # plain MEND, unchecked
 # The boost ladder, chosen on val records 501-750 (not scored by the benchmark), w7 only:
 for l in "1.5 2" "1.25 1.5 2" "1.1 1.25 1.5 2"; do
   mend eval --editor runs/w7/last --data $val --skip 500 --limit 250 --boost $l \
