@@ -552,7 +552,8 @@ def train(
     base_lrs = [cfg.lr, cfg.alpha_lr]
     val_data = val_data[: cfg.val_edits]
     near = None
-    modes = dict.fromkeys([cfg.hard_locality, cfg.hard_locality_late or cfg.hard_locality])
+    # the hard-input modes the steps draw by (step_config): the first step's and the last's
+    modes = dict.fromkeys(step_config(s, cfg).hard_locality for s in (0, cfg.max_steps - 1))
     if "nearest" in modes:
         low = stack.lower_dtype if stack is not None else None
         near = nearest_records(me, train_data, cfg.nearest_k, low, progress=progress)
