@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import fact_requests, tiny_model
 
-from mend.checkpoint import load_editor
+from mend.checkpoint import load_editor, load_train_state
 from mend.config import EditorConfig, TrainConfig
 from mend.edit import MendEditor
 from mend.editor import Editor
 from mend.evaluate import evaluate
 from mend.models import find_editable
-from mend.train import LOG_FILE, train
+from mend.train import LOG_FILE, WeightAverage, train
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -28,9 +28,10 @@ def _losses(folder) -> list[float]:
     return [x["loss"] for x in lines if "val" not in x]
 
 
-def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, tokenizer):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, tokenizer, ema):
     data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
-    cfg = _cfg(max_steps=8, val_every=4)
+    cfg = _cfg(max_steps=8, val_every=4, ema=ema)
     torch.set_num_threads(1)
     full = train(
         tiny_model("llama", len(tokenizer)),
@@ -43,14 +44,53 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, tokenizer):
     )
     assert full["steps"] == 8
     # Interrupted after step 4 (the checkpoint written at the validation), then resumed.
-    train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, _cfg(max_steps=4, val_every=4),
-          tmp_path / "b", progress=False)  # fmt: skip
+    train(tiny_model("llama", len(tokenizer)), tokenizer, data, val,
+          _cfg(max_steps=4, val_every=4, ema=ema), tmp_path / "b", progress=False)  # fmt: skip
     train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path / "b",
           resume=True, progress=False)  # fmt: skip
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert len(a) == len(b) == 8
     assert len(set(a)) > 1  # the loss actually moves
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-6, atol=1e-7)
+    # The saved (averaged, with ema) weights agree too.
+    model = tiny_model("llama", len(tokenizer))
+    for x, y in zip(load_editor(tmp_path / "a" / "last", model).parameters(),
+                    load_editor(tmp_path / "b" / "last", model).parameters(), strict=True):  # fmt: skip
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_average_follows_its_recurrence_and_swaps_back():
+    module = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    average = WeightAverage(module, decay=0.5)
+    expected = torch.ones(1, 2)
+    for n, value in enumerate([3.0, -1.0, 5.0], start=1):
+        with torch.no_grad():
+            module.weight.fill_(value)
+        average.update()
+        d = min(0.5, (1 + n) / (10 + n))  # 2/11, 3/12, then 0.5
+        expected = d * expected + (1 - d) * value
+    raw = module.weight.detach().clone()
+    with average.swapped():
+        torch.testing.assert_close(module.weight.data, expected)
+        assert not torch.equal(module.weight.data, raw)
+    assert torch.equal(module.weight.data, raw)  # the raw weights come back exactly
+    restored = WeightAverage(module, 0.5, average.state_dict())
+    assert restored.n == 3 and torch.equal(restored.avg[0], average.avg[0])
+
+
+def test_training_with_an_average_saves_it_and_keeps_the_raw_weights_to_resume(tmp_path, tokenizer):
+    data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
+    model = tiny_model("llama", len(tokenizer))
+    train(model, tokenizer, data, val, _cfg(max_steps=6, val_every=3, ema=0.9), tmp_path,
+          progress=False)  # fmt: skip
+    state = load_train_state(tmp_path / "last")
+    saved = list(load_editor(tmp_path / "last", model).parameters())
+    avg, raw = state["ema"]["avg"], state["raw"]
+    assert len(saved) == len(avg) == len(raw) and state["ema"]["n"] == 6
+    assert all(torch.equal(s, a) for s, a in zip(saved, avg, strict=True))
+    assert any(not torch.equal(a, r) for a, r in zip(avg, raw, strict=True))
 
 
 def test_training_beats_the_untrained_editor_on_held_out_edits(tmp_path, tokenizer):
@@ -145,6 +185,8 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
         dict(nearest_k=1),
         dict(hard_locality_late="subject", c_loc_late=2),
         dict(hard_locality_late="answer"),  # no late part of the run
+        dict(ema=1.0),
+        dict(ema=-0.1),
     ],  # fmt: skip
 )
 def test_config_rejects_bad_values(bad):

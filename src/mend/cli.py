@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--cosine", action="store_true", help="cosine-decay lr to 10%% at --max-steps")
     t.add_argument(
+        "--ema", type=float, default=0.0,
+        help="validate and save a moving average of the editor's weights with this decay "
+        "(e.g. 0.998; 0: off)",
+    )  # fmt: skip
+    t.add_argument(
         "--edit-modules",
         nargs="+",
         default=(),
@@ -255,6 +260,7 @@ def cmd_train(args) -> int:
         c_size=args.c_size, seed=args.seed, loc_per_edit=args.loc_per_edit,
         hard_locality=args.hard_locality,
         hard_locality_late=args.hard_locality_late, nearest_k=args.nearest_k, cosine=args.cosine,
+        ema=args.ema,
         reference=args.reference, row_cache_mb=args.row_cache_mb, select=args.select,
         lower_precision=args.lower_precision, key_text=args.key_text or None,
         shared_rank=args.shared_rank,

@@ -122,6 +122,10 @@ class TrainConfig:
     select: str = "accuracy"  # best checkpoint by "accuracy" (mean of the three) or by "loss"
     warmup_steps: int = 50
     cosine: bool = False  # cosine-decay the learning rates to 10% at max_steps
+    # decay of an exponential moving average of the editor's weights (train.WeightAverage):
+    # validation, the best checkpoint and `last` hold the average, training moves the raw
+    # weights; 0: off (the raw weights everywhere)
+    ema: float = 0.0
     reference: bool = False  # run full forward passes instead of caching the lower blocks
     row_cache_mb: int = 4096  # memory for reusing the lower blocks' output per row (0: off)
     # "bf16": the fast path's no-grad pass below the edited blocks in bf16 (autocast);
@@ -176,6 +180,8 @@ class TrainConfig:
             raise MendError(f"nearest_k must be >= 2, got {self.nearest_k}")
         if not 0 <= self.late_fraction <= 1:
             raise MendError(f"late_fraction must be in [0, 1], got {self.late_fraction}")
+        if not 0 <= self.ema < 1:
+            raise MendError(f"ema must be in [0, 1), got {self.ema}")
         if self.minutes is not None and not self.minutes > 0:
             raise MendError(f"minutes must be > 0, got {self.minutes}")
 

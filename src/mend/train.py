@@ -13,6 +13,8 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -474,6 +476,48 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+class WeightAverage:
+    """An exponential moving average of a module's parameters, swapped in to score or save.
+
+    Buffers are not averaged: the editor's running statistics and preconditioner are used as
+    they are now. The decay ramps up as min(decay, (1 + n) / (10 + n)) over the n updates
+    so far, so the first averages are not held at the initial weights.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float, state: dict | None = None):
+        self.params = list(module.parameters())
+        self.decay = decay
+        if state is None:
+            self.n, self.avg = 0, [p.detach().clone() for p in self.params]
+        else:
+            self.n = state["n"]
+            self.avg = [
+                a.to(p.device, p.dtype) for a, p in zip(state["avg"], self.params, strict=True)
+            ]
+
+    def update(self) -> None:
+        self.n += 1
+        weight = 1 - min(self.decay, (1 + self.n) / (10 + self.n))
+        with torch.no_grad():
+            for a, p in zip(self.avg, self.params, strict=True):
+                a.lerp_(p, weight)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Run with the averaged weights in the module; the raw ones come back after."""
+        raw = [p.data for p in self.params]
+        try:
+            for p, a in zip(self.params, self.avg, strict=True):
+                p.data = a
+            yield
+        finally:
+            for p, r in zip(self.params, raw, strict=True):
+                p.data = r
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "avg": self.avg}
+
+
 def _write_log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -516,6 +560,10 @@ def train(
     if resume:
         editor = load_editor(out / LAST, model)
         state = load_train_state(out / LAST)
+        if "raw" in state:  # `last` holds the averaged weights; training goes on from these
+            with torch.no_grad():
+                for p, r in zip(editor.parameters(), state.pop("raw"), strict=True):
+                    p.copy_(r)
         if TrainConfig.from_dict(state["config"]) != cfg:
             log.warning("resuming with a different configuration than the checkpoint's")
         _truncate_log(log_path, state["step"])
@@ -548,7 +596,10 @@ def train(
         [{"params": nets, "lr": cfg.lr}, {"params": [editor.log_alpha], "lr": cfg.alpha_lr}]
     )
     if resume:
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state.pop("optimizer"))
+    average = WeightAverage(editor, cfg.ema, state.pop("ema", None)) if cfg.ema else None
+    # Validation and checkpoints see the averaged weights when there are any.
+    averaged = average.swapped if average is not None else nullcontext
     base_lrs = [cfg.lr, cfg.alpha_lr]
     val_data = val_data[: cfg.val_edits]
     near = None
@@ -566,10 +617,13 @@ def train(
         save_editor(folder, editor, identity, extra)
 
     def save_last() -> None:
-        checkpoint(out / LAST)
-        save_train_state(
-            out / LAST, state | {"optimizer": opt.state_dict(), "config": cfg.to_dict()}
-        )
+        extra = {"optimizer": opt.state_dict(), "config": cfg.to_dict()}
+        if average is not None:
+            raw = [p.detach() for p in editor.parameters()]
+            extra |= {"ema": average.state_dict(), "raw": raw}
+        with averaged():
+            checkpoint(out / LAST)
+        save_train_state(out / LAST, state | extra)
 
     stop_reason = "max_steps"
     start = time.perf_counter() - state["elapsed"]
@@ -605,6 +659,8 @@ def train(
         if finite:
             gnorm = torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.clip).item()
             opt.step()
+            if average is not None:
+                average.update()
         else:
             gnorm = float("nan")
             state["skipped"] += 1
@@ -621,7 +677,8 @@ def train(
         out_of_time = cfg.minutes is not None and state["elapsed"] >= cfg.minutes * 60
         last_step = state["step"] >= cfg.max_steps or out_of_time
         if state["step"] % cfg.val_every == 0 or last_step:
-            val = validate(me, val_data, cfg, stack)
+            with averaged():
+                val = validate(me, val_data, cfg, stack)
             key = selection_key(val, cfg.select)
             # A late locality weight trades validation accuracy for locality on purpose: the
             # checkpoints before it do not compete with the ones it shapes.
@@ -632,7 +689,8 @@ def train(
             if improved:
                 state["best"], state["bad"], state["best_val"] = key, 0, val
                 state["best_step"] = state["step"]
-                checkpoint(out, {"best_step": state["step"], "val": val})
+                with averaged():
+                    checkpoint(out, {"best_step": state["step"], "val": val})
             else:
                 state["bad"] += 1
             _write_log(log_path, {"step": state["step"], "val": val})
