@@ -560,7 +560,7 @@ def train(
     if resume:
         editor = load_editor(out / LAST, model)
         state = load_train_state(out / LAST)
-        if "raw" in state:  # `last` holds the averaged weights; training goes on from these
+        if "raw" in state:  # `last` holds the averaged weights, training goes on from the raw
             with torch.no_grad():
                 for p, r in zip(editor.parameters(), state.pop("raw"), strict=True):
                     p.copy_(r)
