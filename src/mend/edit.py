@@ -27,7 +27,7 @@ from mend.losses import edit_loss
 from mend.metrics import all_correct, rows_all
 from mend.models.forward import scored_logits
 from mend.models.head import HeadArgmax
-from mend.models.params import find_editable
+from mend.models.params import find_editable, swapped_data
 from mend.models.upper import Prepared, UpperStack
 from mend.result import EditResult, WeightPool
 from mend.shield import Shield
@@ -304,17 +304,11 @@ class MendEditor:
         """Whether the model's edited weights differ from the anchor (an edit is applied)."""
         return any(p.weight.data_ptr() != self._anchor[p.name].data_ptr() for p in self.params)
 
-    @contextmanager
-    def _at_anchor(self) -> Iterator[None]:
+    def _at_anchor(self):
         """Run with the anchor weights swapped in (no copies); the current ones come back."""
-        current = {p.name: p.weight.data for p in self.params}
-        try:
-            for p in self.params:
-                p.weight.data = self._anchor[p.name]
-            yield
-        finally:
-            for p in self.params:
-                p.weight.data = current[p.name]
+        return swapped_data(
+            [p.weight for p in self.params], [self._anchor[p.name] for p in self.params]
+        )
 
     def _shared_once(self, factors: Factors, keep: float) -> Factors:
         """An edit with only `keep` of the change all edits share (1/k: counted once in k).

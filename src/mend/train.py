@@ -13,8 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from mend.grads import capture, key_moments, prompt_keys
 from mend.losses import edit_loss, gap_hinge, kl_base_edited, masked_nll, relative_change
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
-from mend.models.params import find_editable
+from mend.models.params import find_editable, swapped_data
 from mend.models.upper import RowCache, UpperStack, bf16_is_fast
 from mend.shield import unit_rows
 from mend.types import EditRequest, Probe
@@ -502,17 +501,9 @@ class WeightAverage:
             for a, p in zip(self.avg, self.params, strict=True):
                 a.lerp_(p, weight)
 
-    @contextmanager
-    def swapped(self) -> Iterator[None]:
+    def swapped(self):
         """Run with the averaged weights in the module; the raw ones come back after."""
-        raw = [p.data for p in self.params]
-        try:
-            for p, a in zip(self.params, self.avg, strict=True):
-                p.data = a
-            yield
-        finally:
-            for p, r in zip(self.params, raw, strict=True):
-                p.data = r
+        return swapped_data(self.params, self.avg)
 
     def state_dict(self) -> dict:
         return {"n": self.n, "avg": self.avg}
@@ -614,15 +605,15 @@ def train(
         raise MendError(f"fewer training edits ({len(train_data)}) than joint_edits")
 
     def checkpoint(folder: Path, extra: dict | None = None) -> None:
-        save_editor(folder, editor, identity, extra)
+        with averaged():  # what validation scored
+            save_editor(folder, editor, identity, extra)
 
     def save_last() -> None:
         extra = {"optimizer": opt.state_dict(), "config": cfg.to_dict()}
         if average is not None:
             raw = [p.detach() for p in editor.parameters()]
             extra |= {"ema": average.state_dict(), "raw": raw}
-        with averaged():
-            checkpoint(out / LAST)
+        checkpoint(out / LAST)
         save_train_state(out / LAST, state | extra)
 
     stop_reason = "max_steps"
@@ -689,8 +680,7 @@ def train(
             if improved:
                 state["best"], state["bad"], state["best_val"] = key, 0, val
                 state["best_step"] = state["step"]
-                with averaged():
-                    checkpoint(out, {"best_step": state["step"], "val": val})
+                checkpoint(out, {"best_step": state["step"], "val": val})
             else:
                 state["bad"] += 1
             _write_log(log_path, {"step": state["step"], "val": val})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,19 @@ class EditableParam:
         if base is None:
             return a @ b
         return torch.addmm(base, a, b, out=out)
+
+
+@contextmanager
+def swapped_data(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run with each tensor's storage replaced by its value's (no copies); the old ones come back."""
+    old = [t.data for t in tensors]
+    try:
+        for t, v in zip(tensors, values, strict=True):
+            t.data = v
+        yield
+    finally:
+        for t, o in zip(tensors, old, strict=True):
+            t.data = o
 
 
 def _n_blocks(model, path: str) -> int:
