@@ -240,6 +240,20 @@ def test_edit_prints_and_saves_model_and_delta(env, trained, tmp_path, capsys, c
     assert "was made for model" in caplog.text and "another-model" in caplog.text
 
 
+def test_unshared_editor_trains_saves_and_edits(env, tmp_path, capsys):
+    from mend.checkpoint import load_editor
+
+    out = tmp_path / "run"
+    assert main(_train_argv(env, out, None, "--no-share")) == 0
+    assert json.loads((out / "editor_config.json").read_text())["editor"]["share"] is False
+    base, _ = load_model(env["model"])
+    editor = load_editor(out, base)
+    assert sorted(editor.nets) == [f"m{i}" for i in range(len(editor.names))]  # one per matrix
+    capsys.readouterr()
+    assert main(_edit_argv(env, out, tmp_path)) == 0
+    assert "after:  '" in capsys.readouterr().out
+
+
 def test_apply_adds_saved_deltas_without_the_editor(env, trained, tmp_path, capsys):
     delta = tmp_path / "d.safetensors"
     argv = ["edit", "--model", env["model"], "--editor", str(trained), "--prompt", PROMPT,

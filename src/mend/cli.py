@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=2000)
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
     t.add_argument("--rank", type=int, default=512, help="editor rank (MEND paper: 1920)")
+    t.add_argument(
+        "--no-share", dest="share", action="store_false",
+        help="one editor network per edited matrix (default: one per weight shape, shared by "
+        "layers, as in the MEND paper; unshared has about 4x the parameters at the same cost)",
+    )  # fmt: skip
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--batch-size", type=int, default=4, help="edits per step")
     t.add_argument("--grad-accum", type=int, default=1)
@@ -249,7 +254,7 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig(
         editor=EditorConfig(
-            rank=args.rank, edit_modules=tuple(args.edit_modules),
+            rank=args.rank, share=args.share, edit_modules=tuple(args.edit_modules),
             precondition=args.precondition or None,
         ),
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,

@@ -30,7 +30,7 @@ from mend.checkpoint import (
     save_train_state,
 )
 from mend.config import TrainConfig
-from mend.data.collate import IGNORE, TokenBatch
+from mend.data.collate import IGNORE, TokenBatch, encode
 from mend.data.sources import resolve_data
 from mend.data.text import read_text, token_windows
 from mend.edit import MendEditor, fit_shared
@@ -129,7 +129,7 @@ def nearest_records(
         lower: dtype to autocast the base model's forward passes to (e.g. bf16), or None.
     """
     param = me.params[0]
-    order = sorted(range(len(pool)), key=lambda i: len(pool[i].prompt))
+    order, _ = _by_tokens(me, [(r.prompt, None) for r in pool])
     chunks = range(0, len(order), chunk)
     batches = (me.batch([(pool[j].prompt, None) for j in order[i : i + chunk]]) for i in chunks)
     bar = tqdm(batches, total=len(chunks), desc="prompt keys", disable=not progress, leave=False)
@@ -208,6 +208,17 @@ def key_pairs(data: list[EditRequest], n_records: int = 512) -> list[tuple[str, 
     return [pair for r in data[:n_records] for pair in record_rows(r)]
 
 
+def _by_tokens(me: MendEditor, pairs: list[tuple[str, str | None]]):
+    """(order, sizes): the pairs' indices shortest first by token count, and those counts.
+
+    Batching rows of equal token length wastes nothing on padding: ordered by characters, a
+    third of CounterFact's warm-up batches were padding.
+    """
+    lengths = [len(encode(me.tokenizer, p, t, me.max_len)[0]) for p, t in pairs]
+    order = sorted(range(len(pairs)), key=lengths.__getitem__)
+    return order, [lengths[i] for i in order]
+
+
 def warm_rows(
     me: MendEditor,
     stack: UpperStack,
@@ -220,27 +231,23 @@ def warm_rows(
 
     That is each record's own rows and the record as another edit's locality input. Met a few
     at a time in the first epoch's steps, a new row cost about 3x as much lower-block time as
-    here, in length-sorted batches; and with ~4 locality inputs per edit drawn at random, a
+    here, in batches of equal token length; and with ~4 locality inputs per edit drawn at random, a
     tenth of the second epoch's rows were still new. Shortest rows first, until the cache is
     full. Deterministic, so a resumed run fills the same cache.
 
     Args:
         budget_s: give up (leaving the rows to be cached as steps meet them) as soon as the
-            whole warm-up is projected, from the text done so far, to take longer than this.
+            whole warm-up is projected, from the tokens done so far, to take longer than this.
 
     Returns:
         Whether every row (or as many as the cache holds) was warmed.
     """
     as_probe = (_probe_from(r) for r in data)
-    pairs = dict.fromkeys(
+    pairs = list(dict.fromkeys(
         [pair for r in data for pair in record_rows(r)] + [(q.prompt, q.answer) for q in as_probe]
-    )
-
-    def chars(pair):  # a proxy of a row's cost
-        return len(pair[0]) + len(pair[1] or "")
-
-    todo = sorted(pairs, key=chars)
-    size = list(map(chars, todo))
+    ))  # fmt: skip
+    order, size = _by_tokens(me, pairs)
+    todo = [pairs[i] for i in order]
     total, done, start = sum(size), 0, time.perf_counter()
     chunks = range(0, len(todo), batch_rows)
     for i in tqdm(chunks, desc="cache rows", unit="batch", disable=not progress, leave=False):
