@@ -1,6 +1,6 @@
 """Row-cache warm-up and nearest-record keys: rows batched by character count against by token count.
 
-    python benchmarks/warm_order.py [--records 2000] > docs/results/warm_order.txt
+    python benchmarks/warm_order.py [--records 1000] > docs/results/warm_order.txt
 
 `mend train` runs two no-grad passes over the whole training set before its first step: the
 prompt keys of `--hard-locality nearest` (`train.nearest_records`) and the row-cache warm-up
@@ -8,9 +8,9 @@ prompt keys of `--hard-locality nearest` (`train.nearest_records`) and the row-c
 characters; that is a poor proxy of their token count, and a batch pads every row to its
 longest. This script times both passes, bf16 lower blocks as `mend train --lower-precision
 bf16` runs them, once with the rows ordered by characters (the old key, restored here by
-patching `train._by_tokens`) and once by tokens (the code as it is), alternating the two three
-times in one process; it prints padded and real token counts, median seconds and the ratio,
-and checks that both orders cache the same rows and find the same nearest records.
+patching `train._by_tokens`) and once by tokens (the code as it is), alternating the two
+`--repeats` times in one process; it prints padded and real token counts, median seconds and
+their ratio, and checks that both orders cache the same rows and find the same nearest records.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def padded(me, pairs, order, batch_rows=64) -> tuple[int, int]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--records", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--records", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
     model.requires_grad_(False)

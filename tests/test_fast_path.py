@@ -287,3 +287,13 @@ def test_warmed_cache_serves_every_row_training_draws(tokenizer):
     slow = RowCache(1 << 30)
     assert not warm_rows(me, UpperStack(model, start, slow), data, 8, budget_s=1e-9, progress=False)
     assert len(slow) == 8
+    # Rows are batched shortest first by token count, so a batch pads little: every batch's
+    # longest row is no longer than the next batch's shortest.
+    seen, plain = [], UpperStack(model, start, RowCache(1 << 30))
+    prepare = plain.prepare
+    plain.prepare = lambda b, **kw: (
+        seen.append(b.attention_mask.sum(1).tolist()) or prepare(b, **kw)
+    )
+    warm_rows(me, plain, data + val, batch_rows=8, progress=False)
+    assert len(seen) > 3 and all(max(a) <= min(b) for a, b in zip(seen, seen[1:], strict=False))
+    assert len({n for batch in seen for n in batch}) > 1  # (rows of several lengths)
