@@ -170,6 +170,27 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
     assert all(torch.isfinite(p).all() for p in editor.parameters())
 
 
+def test_time_budget_counts_the_passes_before_the_first_step(tmp_path, tokenizer, monkeypatch):
+    import importlib
+    import time
+
+    train_mod = importlib.import_module("mend.train")
+    real = train_mod.nearest_records
+
+    def slow(*args, **kwargs):  # stands in for the minute CounterFact's prompt keys take
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "nearest_records", slow)
+    data, val = fact_requests(40, seed=1), fact_requests(4, seed=2)
+    cfg = _cfg(max_steps=50, val_every=50, hard_locality="nearest", minutes=0.4 / 60)
+    summary = train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path,
+                    progress=False)  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert lines[0]["seconds"] >= 0.5  # the clock ran before the first step
+    assert summary["stop"] == "time_budget" and summary["steps"] == 1
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -554,6 +554,9 @@ def train(
     names = [p.name for p in find_editable(model, cfg.editor.edit_modules)]
     identity = model_identity(model, names)
     log_path = out / LOG_FILE
+    # --minutes counts from here: the key statistics, the nearest records and the row-cache
+    # warm-up are training time too (until session 20 the clock began after the first two).
+    began = time.perf_counter()
 
     if resume:
         editor = load_editor(out / LAST, model)
@@ -624,7 +627,7 @@ def train(
         save_train_state(out / LAST, state | extra)
 
     stop_reason = "max_steps"
-    start = time.perf_counter() - state["elapsed"]
+    start = began - state["elapsed"]
     # With a time budget the step count is open-ended: show elapsed minutes instead of an ETA.
     total = cfg.max_steps if cfg.minutes is None else None
     # Warm the row cache when the run will meet its rows again (an epoch or more) and the
