@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Session 21: the recipe of ../faster-warmup-60min/ (w11, w12) with one editor network per
+# edited matrix (--no-share: 39M parameters instead of 8.7M).
+# w13: seed 0, --c-loc-late 4, max 6,800 steps; the hour's budget stopped it at 6,022
+#      (the optimizer update as it was then: 0.48 s a step against w12's 0.37 s).
+# w14: seed 1, --c-loc-late 5, max 7,000 steps, with session 21's fused optimizer update
+#      (benchmarks/optimizer_step.py).
+# Run on a quiet 2-core machine; ~5 min per 500-edit evaluation.
+set -euo pipefail
+val=../shared/data/counterfact/counterfact-val.json
+recipe=(--data ../shared/data/counterfact/counterfact-train.json --minutes 58 --cosine
+  --val-every 500 --val-edits 256 --lower-precision bf16 --late-fraction 0.75
+  --hard-locality answer --hard-locality-late nearest --ema 0.998 --no-share)
+mend train "${recipe[@]}" --out runs/w13 --max-steps 6800 --c-loc-late 4 --seed 0
+mend eval --editor runs/w13/last --data $val --limit 500 --out runs/w13/report500_last_ema.json
+mend train "${recipe[@]}" --out runs/w14 --max-steps 7000 --c-loc-late 5 --seed 1
+mend eval --editor runs/w14/last --data $val --limit 500 --out runs/w14/report500_last_ema.json
