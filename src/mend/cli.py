@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--no-share", dest="share", action="store_false",
         help="one editor network per edited matrix (default: one per weight shape, shared by "
-        "layers, as in the MEND paper; unshared: 4.5x the parameters, a step ~12%% slower)",
+        "layers, as in the MEND paper; unshared: 4.5x the parameters, a step ~10%% slower)",
     )  # fmt: skip
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--batch-size", type=int, default=4, help="edits per step")
