@@ -6,7 +6,7 @@ After each step's backward, training checks the gradients are finite, clips them
 Adam step and, with `--ema`, updates the weight average. Before session 21 that was a
 per-tensor finite check, then the clip's norm pass, Adam's per-tensor CPU loop and a
 per-tensor lerp; now the clip's total norm is the finite check, Adam is PyTorch's fused
-kernel (`train.make_optimizer`) and the average one foreach lerp. This script builds the
+kernel (`train.make_optimizer`) and the average one foreach lerp (`train.apply_update`). This script builds the
 editor for SmolLM2-135M's edited weights, shared (8.7M parameters) and with `--no-share`
 (39M), gives both updates the same random gradients, alternates them `--updates` times in
 one process and prints the median milliseconds, their ratio, and how far the two editors'
@@ -25,7 +25,7 @@ import torch
 from mend.config import EditorConfig, TrainConfig
 from mend.editor import Editor
 from mend.models import find_editable, load_model
-from mend.train import WeightAverage, make_optimizer
+from mend.train import WeightAverage, apply_update, make_optimizer
 
 CLIP = TrainConfig().clip
 
@@ -43,9 +43,7 @@ def old_update(editor, opt, average) -> None:
 
 def new_update(editor, opt, average) -> None:
     """The update `train.train` runs now."""
-    if torch.nn.utils.clip_grad_norm_(editor.parameters(), CLIP).isfinite():
-        opt.step()
-        average.update()
+    apply_update(editor, opt, average, CLIP)
 
 
 def main(argv=None) -> None:

@@ -528,6 +528,21 @@ def make_optimizer(editor: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.Adam(groups, fused=fused)
 
 
+def apply_update(editor, opt, average: WeightAverage | None, clip: float) -> float:
+    """Clip, step and average after backward; returns the gradient norm, NaN for a skipped step.
+
+    A non-finite gradient anywhere makes the total norm non-finite, so the clip's one pass is
+    also the finite check; a skipped step's clipped gradients are dropped with it.
+    """
+    gnorm = torch.nn.utils.clip_grad_norm_(editor.parameters(), clip).item()
+    if not math.isfinite(gnorm):
+        return float("nan")
+    opt.step()
+    if average is not None:
+        average.update()
+    return gnorm
+
+
 def _write_log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -664,14 +679,8 @@ def train(
             (loss / cfg.grad_accum).backward()
             for k, v in stats.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.grad_accum
-        # A non-finite gradient anywhere makes the total norm non-finite: one pass finds both.
-        gnorm = torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.clip).item()
-        if math.isfinite(gnorm):
-            opt.step()
-            if average is not None:
-                average.update()
-        else:
-            gnorm = float("nan")  # the clipped gradients are discarded with the step
+        gnorm = apply_update(editor, opt, average, cfg.clip)
+        if math.isnan(gnorm):
             state["skipped"] += 1
         state["step"] = step + 1
         state["elapsed"] = time.perf_counter() - start
