@@ -1,6 +1,6 @@
 """Variants of the edit check, scored on the same editor and edits (an experiment, not a test).
 
-    python benchmarks/check_variants.py --editor runs/bench3 --limit 200
+    python benchmarks/check_variants.py --editor runs/bench3 --limit 200 [--skip 500]
 
 Each variant is a JSON object: `boost` (the scales tried after the first, default [1.5, 2]),
 `start` (the scale every request starts at, default 1) and `margin` (the log-prob lead the
@@ -64,12 +64,19 @@ def main(argv=None) -> None:
     ap.add_argument("--editor", required=True)
     ap.add_argument("--data", default="counterfact-val")
     ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave out the first N records (tune on records a benchmark does not score)",
+    )
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="JSON")
     ap.add_argument("--out", default=None, help="JSON report (default: EDITOR/check_variants.json)")
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
     editor = load_editor(args.editor, model)
-    data = load_checked(args.data, tok, context_length(model), args.limit)
+    data = load_checked(args.data, tok, context_length(model), args.skip + args.limit)[args.skip :]
     shared, out = {}, {}
     for text in args.variants:
         kw = json.loads(text)
