@@ -15,3 +15,11 @@ mend train "${recipe[@]}" --out runs/w13 --max-steps 6800 --c-loc-late 4 --seed 
 mend eval --editor runs/w13/last --data $val --limit 500 --out runs/w13/report500_last_ema.json
 mend train "${recipe[@]}" --out runs/w14 --max-steps 7000 --c-loc-late 5 --seed 1
 mend eval --editor runs/w14/last --data $val --limit 500 --out runs/w14/report500_last_ema.json
+# session 22: w15, and w14's check started at 0.9 (chosen on val 501-750, then the first 500 once)
+mend train "${recipe[@]}" --out runs/w15 --max-steps 7000 --c-loc-late 6 --seed 2
+mend eval --editor runs/w15/last --data $val --limit 500 --out runs/w15/report500_last_ema.json
+PYTHONPATH=src python benchmarks/check_variants.py --editor runs/w14/last --data $val --skip 500 --limit 250 \
+  --variants '{}' '{"boost": [1.25, 1.5, 2]}' '{"boost": [1.1, 1.25, 1.5, 1.75, 2]}' \
+  '{"start": 0.9, "boost": [1, 1.25, 1.5, 2]}' '{"start": 0.8, "boost": [1, 1.25, 1.5, 2]}'
+PYTHONPATH=src python benchmarks/check_variants.py --editor runs/w14/last --data $val --limit 500 \
+  --variants '{"start": 0.9, "boost": [1, 1.25, 1.5, 2]}'
