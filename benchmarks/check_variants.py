@@ -3,8 +3,9 @@
     python benchmarks/check_variants.py --editor runs/bench3 --limit 200 [--skip 500]
 
 Each variant is a JSON object: `boost` (the scales tried after the first, default [1.5, 2]),
-`start` (the scale every request starts at, default 1) and `margin` (the log-prob lead the
-target must have over every other token at each target position, default 0: the argmax).
+`start` (the scale every request starts at and falls back to, default 1; `mend eval --start`)
+and `margin` (the log-prob lead the target must have over every other token at each target
+position, default 0: the argmax).
 The unedited model's scores are computed once and shared.
 """
 
@@ -35,13 +36,11 @@ DEFAULT_VARIANTS = [
 
 
 class CheckVariant(MendEditor):
-    """MendEditor whose check may start below scale 1 or demand a log-prob margin."""
+    """MendEditor whose check may demand a log-prob margin (`start` is MendEditor's own)."""
 
-    def __init__(self, *args, start: float = 1.0, margin: float = 0.0, **kwargs):
+    def __init__(self, *args, margin: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.start, self.margin = start, margin
-        # The check scales the change it is given: relative to one pre-scaled by `start`.
-        self.boost = tuple(s / start for s in self.boost)
+        self.margin = margin
 
     def reaches_target(self, factors, batch, prepared=None) -> torch.Tensor:
         if not self.margin or prepared is None:
@@ -51,11 +50,6 @@ class CheckVariant(MendEditor):
             logp = self._stack.logits(prepared).log_softmax(-1)
         ok = (top_gap(logp, labels.clamp_min(0)) >= self.margin) | (labels == IGNORE)
         return rows_all(ok, batch.pos_row, len(batch))
-
-    def _boosted(self, factors, batch, prepared, finish):
-        if self.start != 1.0:
-            factors = {n: (u * self.start, d) for n, (u, d) in factors.items()}
-        return super()._boosted(factors, batch, prepared, finish)
 
 
 def main(argv=None) -> None:

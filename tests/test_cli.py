@@ -508,5 +508,8 @@ def test_edit_bad_boost_scale_and_unboosted_edit(env, trained, tmp_path, capsys)
     out = tmp_path / "e"
     _fails(capsys, _edit_argv(env, trained, out) + ["--boost", "1.5", "-1"], "boost scales")
     assert not out.exists()
+    _fails(capsys, _edit_argv(env, trained, out) + ["--start", "0"], "start scale")
+    _fails(capsys, _edit_argv(env, trained, out) + ["--start", "0.9", "--boost"], "needs a check")
+    assert not out.exists()
     assert main(_edit_argv(env, trained, out) + ["--boost"]) == 0  # no scales: MEND unchecked
     assert (out / "d.safetensors").exists()

@@ -310,6 +310,49 @@ def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_targe
         MendEditor(model, tokenizer, plain.editor, boost=(2, 0))
 
 
+def test_check_start_scales_the_first_try_and_the_fallback(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    req = fact_requests(3)[1:2]
+    plain = _editor_for(model, tokenizer, init_alpha=1e-3)
+    batch = plain.batch([(req[0].prompt, req[0].target)])
+    with torch.no_grad():  # (in training mode: sets the normalisers' running statistics)
+        factors = plain.factors(batch, rows_per_edit=None)
+        reach = [
+            bool(plain.reaches_target({n: (u * s, d) for n, (u, d) in factors.items()}, batch))
+            for s in (0.5, 1, 2, 4)
+        ]
+    assert reach == [False, False, False, True]
+    base = _delta_of(plain, req)
+
+    def edited(start, boost):
+        me = MendEditor(model, tokenizer, plain.editor, boost=boost, start=start)
+        result = me.edit(req)
+        result.revert()
+        return result.scales, _delta_of(me, req)
+
+    for start, boost, want in ((0.5, (1, 4), 4.0), (0.5, (1, 2), 0.5), (0.9, (2,), 0.9)):
+        scales, delta = edited(start, boost)
+        assert scales == [want]  # the first scale that reaches it; none: back to the start
+        for name in base:
+            atol = 1e-4 * base[name].abs().max().item()
+            torch.testing.assert_close(delta[name], want * base[name], rtol=1e-4, atol=atol)
+    # A change that reaches its target at the start is applied at the start, not at 1.
+    strong = _editor_for(model, tokenizer, init_alpha=1e-2)
+    with torch.no_grad():
+        factors = strong.factors(batch, rows_per_edit=None)
+        assert bool(
+            strong.reaches_target({n: (0.8 * u, d) for n, (u, d) in factors.items()}, batch)
+        )
+    result = MendEditor(model, tokenizer, strong.editor, boost=(1, 2), start=0.8).edit(req)
+    result.revert()
+    assert result.scales == [0.8]
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(MendError, match="start scale"):
+            MendEditor(model, tokenizer, plain.editor, start=bad)
+    with pytest.raises(MendError, match="needs a check"):
+        MendEditor(model, tokenizer, plain.editor, boost=(), start=0.9)
+
+
 def test_batched_edits_are_unchecked_unless_asked(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     reqs = fact_requests(3)[:2]

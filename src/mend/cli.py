@@ -26,6 +26,12 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
         "edits, --batch-size > 1, are applied unchecked)",
     )  # fmt: skip
     p.add_argument(
+        "--start", type=float, default=1.0, metavar="S",
+        help="the scale of MEND's change the check tries first and falls back to when no "
+        "--boost scale reaches the target (default 1; e.g. 0.9 with --boost 1 1.25 1.5 2 "
+        "trades a little rephrase for locality)",
+    )  # fmt: skip
+    p.add_argument(
         "--shield", type=float, default=None, metavar="BETA",
         help="keep BETA (0-1] of each single edit off the inputs of the known facts nearest "
         "it, from the editor's key bank (`mend fit-shield`; see mend/shield.py); batched "
@@ -290,7 +296,7 @@ def _mend_editor(args, model, tok):
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
 
-    me = MendEditor(model, tok, load_editor(args.editor, model), boost=args.boost)
+    me = MendEditor(model, tok, load_editor(args.editor, model), boost=args.boost, start=args.start)
     if args.shield is not None:
         from mend.shield import BANK_FILE, KeyBank, Shield
 

@@ -8,7 +8,8 @@ editor; rows of one batch may even carry different edits), and `edit()` material
 and changes the weights in place, returning a revertible EditResult.
 
 `edit()` also checks its work: a request whose target is not yet the argmax after its prompt
-has its change scaled up (by `boost`, e.g. 1.5 then 2), which reruns only the edited blocks.
+has its change scaled up (by `boost`, e.g. 1.5 then 2), which reruns only the edited blocks;
+`start` (e.g. 0.9) lets the check begin, and fall back to, a little less than MEND's change.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class MendEditor:
         boost: scales tried in turn by `edit()` on each request whose target is not yet the
             argmax (every token, after its prompt) under the edit; () applies MEND's change
             as it comes, unchecked.
+        start: the scale of MEND's change that the check tries first and falls back to when
+            no scale of `boost` reaches the target (default 1: MEND's change). Below 1 it
+            keeps edits that need less off other inputs: on SmolLM2-135M CounterFact (val
+            501-750), start 0.9 with boost 1 1.25 1.5 2 gave rephrase 0.912 -> 0.872 and
+            locality 0.944 -> 0.956 against the default. It needs a check (`boost`), and
+            edits that are not checked get MEND's change as it comes.
         check_batches: check edits that join others too: batched edits (several requests
             in one change) and anchored edits on a model that already carries edits. Off by
             default: scaling up the share of the requests that miss raised the interference
@@ -82,6 +89,7 @@ class MendEditor:
         tokenizer,
         editor: Editor,
         boost=DEFAULT_BOOST,
+        start: float = 1.0,
         check_batches: bool = False,
         anchored: bool = True,
         shield: Shield | None = None,
@@ -89,10 +97,15 @@ class MendEditor:
         self.model, self.tokenizer, self.editor = model, tokenizer, editor
         self.shield = shield
         self.boost = tuple(float(s) for s in boost)
+        self.start = float(start)
         self.check_batches = check_batches
         self.anchored = anchored
         if any(not s > 0 for s in self.boost):
             raise MendError(f"boost scales must be > 0, got {self.boost}")
+        if not 0 < self.start < float("inf"):
+            raise MendError(f"the check's start scale must be > 0 and finite, got {start}")
+        if self.start != 1 and not self.boost:
+            raise MendError("a start scale needs a check: give boost scales too")
         self.params = find_editable(model, editor.names)
         for p in self.params:
             if p.in_out != editor.shapes[p.name]:
@@ -265,32 +278,36 @@ class MendEditor:
     def _boosted(self, factors: Factors, batch: TokenBatch, prepared, finish):
         """Scale up each request's share of a batched edit until its target is the argmax.
 
-        Every request that misses its target is scaled by the next of `self.boost`; one that
-        never reaches it goes back to MEND's own change (scale 1): the larger change bought
-        nothing on its prompt and reaches further into other inputs. A request's share is
+        Each request starts at `self.start` (1: MEND's own change); every one that misses its
+        target is scaled by the next of `self.boost`; one that never reaches it goes back to
+        the start: the larger change bought nothing on its prompt and reaches further into
+        other inputs. A request's share is
         its token slots of u~. `finish` turns scaled factors into the change that will be
         applied (`_shared_once`), so what is checked is exactly what lands.
 
         Returns:
             (the finished factors, each request's scale).
         """
-        scale = torch.ones(len(batch), device=batch.input_ids.device)
+        # (float64: the scales reported are the ones given, e.g. 0.9, not their float32)
+        scale = torch.full((len(batch),), self.start, dtype=torch.float64)
 
         def scaled() -> Factors:
             per_slot = scale.repeat_interleave(batch.input_ids.shape[1])[:, None]  # (R S, 1)
-            return finish({n: (u * per_slot, d) for n, (u, d) in factors.items()})
+            return finish(
+                {n: (u * per_slot.to(u.device, u.dtype), d) for n, (u, d) in factors.items()}
+            )
 
-        current = finish(factors)
+        current = finish(factors) if self.start == 1 else scaled()
         for s in self.boost:
-            ok = self.reaches_target(current, batch, prepared)
+            ok = self.reaches_target(current, batch, prepared).cpu()
             if bool(ok.all()):
                 break
             scale[~ok] = s
             current = scaled()
         else:
-            missed = ~self.reaches_target(current, batch, prepared)
+            missed = ~self.reaches_target(current, batch, prepared).cpu()
             if bool(missed.any()):
-                scale[missed] = 1.0
+                scale[missed] = self.start
                 current = scaled()
         return current, scale.tolist()
 
