@@ -23,3 +23,7 @@ PYTHONPATH=src python benchmarks/check_variants.py --editor runs/w14/last --data
   '{"start": 0.9, "boost": [1, 1.25, 1.5, 2]}' '{"start": 0.8, "boost": [1, 1.25, 1.5, 2]}'
 PYTHONPATH=src python benchmarks/check_variants.py --editor runs/w14/last --data $val --limit 500 \
   --variants '{"start": 0.9, "boost": [1, 1.25, 1.5, 2]}'
+# session 23: the same check through mend eval (MendEditor's start, --start); identical scores
+mend eval --editor runs/w14/last --data $val --limit 500 --start 0.9 --boost 1 1.25 1.5 2 \
+  --out runs/w14_start09_val500.json
+mend eval --editor runs/w14/last --data $val --limit 500 --boost --out runs/w14_unchecked_val500.json  # plain MEND
