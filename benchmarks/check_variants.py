@@ -68,6 +68,8 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="JSON")
     ap.add_argument("--out", default=None, help="JSON report (default: EDITOR/check_variants.json)")
     args = ap.parse_args(argv)
+    if args.skip < 0:
+        ap.error("--skip must be >= 0")
     model, tok = load_model(args.model)
     editor = load_editor(args.editor, model)
     data = load_checked(args.data, tok, context_length(model), args.skip + args.limit)[args.skip :]
