@@ -281,9 +281,9 @@ class MendEditor:
         Each request starts at `self.start` (1: MEND's own change); every one that misses its
         target is scaled by the next of `self.boost`; one that never reaches it goes back to
         the start: the larger change bought nothing on its prompt and reaches further into
-        other inputs. A request's share is
-        its token slots of u~. `finish` turns scaled factors into the change that will be
-        applied (`_shared_once`), so what is checked is exactly what lands.
+        other inputs. A request's share is its token slots of u~. `finish` turns scaled
+        factors into the change that will be applied (`_shared_once`), so what is checked is
+        exactly what lands.
 
         Returns:
             (the finished factors, each request's scale).
