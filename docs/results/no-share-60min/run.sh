@@ -27,3 +27,11 @@ PYTHONPATH=src python benchmarks/check_variants.py --editor runs/w14/last --data
 mend eval --editor runs/w14/last --data $val --limit 500 --start 0.9 --boost 1 1.25 1.5 2 \
   --out runs/w14_start09_val500.json
 mend eval --editor runs/w14/last --data $val --limit 500 --boost --out runs/w14_unchecked_val500.json  # plain MEND
+# session 23: w16 = w14's recipe at seed 3, trained after the check was chosen; then the check
+# started at 0.9 on every run of this folder
+mend train "${recipe[@]}" --out runs/w16 --max-steps 7000 --c-loc-late 5 --seed 3
+for w in w16 w15 w13; do
+  mend eval --editor runs/$w/last --data $val --limit 500 --start 0.9 --boost 1 1.25 1.5 2 \
+    --out runs/${w}_start09_val500.json
+done
+mend eval --editor runs/w16/last --data $val --limit 500 --out runs/w16_default_val500.json
