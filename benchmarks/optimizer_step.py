@@ -7,10 +7,11 @@ Adam step and, with `--ema`, updates the weight average. Before session 21 that 
 per-tensor finite check, then the clip's norm pass, Adam's per-tensor CPU loop and a
 per-tensor lerp; now the clip's total norm is the finite check, Adam is PyTorch's fused
 kernel (`train.make_optimizer`) and the average one foreach lerp (`train.apply_update`).
-This script builds the editor for SmolLM2-135M's edited weights, shared (8.7M parameters) and with `--no-share`
-(39M), gives both updates the same random gradients, alternates them `--updates` times in
-one process and prints the median milliseconds, their ratio, and how far the two editors'
-weights drifted apart (float rounding only: fused Adam orders its arithmetic differently).
+This script builds the editor for SmolLM2-135M's edited weights, shared (8.7M parameters)
+and with `--no-share` (39M), gives both updates the same random gradients, alternates them
+`--updates` times in one process and prints the median milliseconds, their ratio, and how
+far the two editors' weights drifted apart (float rounding only: fused Adam orders its
+arithmetic differently).
 """
 
 from __future__ import annotations

@@ -260,18 +260,23 @@ def _delta_of(me: MendEditor, reqs) -> dict[str, torch.Tensor]:
     return delta
 
 
+def _reaches_at(me: MendEditor, batch, scales) -> list[bool]:
+    """Whether me's plain change, scaled by each of `scales`, makes the target the argmax."""
+    with torch.no_grad():  # (in training mode: sets the normalisers' running statistics)
+        factors = me.factors(batch, rows_per_edit=None)
+        return [
+            bool(me.reaches_target({n: (u * s, d) for n, (u, d) in factors.items()}, batch))
+            for s in scales
+        ]
+
+
 def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_target(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     req = fact_requests(3)[1:2]
     plain = _editor_for(model, tokenizer, init_alpha=1e-3)
     batch = plain.batch([(req[0].prompt, req[0].target)])
-    with torch.no_grad():
-        factors = plain.factors(batch, rows_per_edit=None)
-        reach = [
-            bool(plain.reaches_target({n: (u * s, d) for n, (u, d) in factors.items()}, batch))
-            for s in (1, 2, 4)
-        ]
-    assert reach == [False, False, True]  # MEND's own change misses; 4x reaches the target
+    # MEND's own change misses; 4x reaches the target
+    assert _reaches_at(plain, batch, (1, 2, 4)) == [False, False, True]
     boosted = MendEditor(model, tokenizer, plain.editor, boost=(2, 4, 8))
     base, more = _delta_of(plain, req), _delta_of(boosted, req)
     scales = []
@@ -315,13 +320,7 @@ def test_check_start_scales_the_first_try_and_the_fallback(tokenizer):
     req = fact_requests(3)[1:2]
     plain = _editor_for(model, tokenizer, init_alpha=1e-3)
     batch = plain.batch([(req[0].prompt, req[0].target)])
-    with torch.no_grad():  # (in training mode: sets the normalisers' running statistics)
-        factors = plain.factors(batch, rows_per_edit=None)
-        reach = [
-            bool(plain.reaches_target({n: (u * s, d) for n, (u, d) in factors.items()}, batch))
-            for s in (0.5, 1, 2, 4)
-        ]
-    assert reach == [False, False, False, True]
+    assert _reaches_at(plain, batch, (0.5, 1, 2, 4)) == [False, False, False, True]
     base = _delta_of(plain, req)
 
     def edited(start, boost):
@@ -338,11 +337,7 @@ def test_check_start_scales_the_first_try_and_the_fallback(tokenizer):
             torch.testing.assert_close(delta[name], want * base[name], rtol=1e-4, atol=atol)
     # A change that reaches its target at the start is applied at the start, not at 1.
     strong = _editor_for(model, tokenizer, init_alpha=1e-2)
-    with torch.no_grad():
-        factors = strong.factors(batch, rows_per_edit=None)
-        assert bool(
-            strong.reaches_target({n: (0.8 * u, d) for n, (u, d) in factors.items()}, batch)
-        )
+    assert _reaches_at(strong, batch, (0.8,)) == [True]
     result = MendEditor(model, tokenizer, strong.editor, boost=(1, 2), start=0.8).edit(req)
     result.revert()
     assert result.scales == [0.8]

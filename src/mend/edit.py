@@ -291,11 +291,12 @@ class MendEditor:
         # (float64: the scales reported are the ones given, e.g. 0.9, not their float32)
         scale = torch.full((len(batch),), self.start, dtype=torch.float64)
 
+        u_any = next(iter(factors.values()))[0]
+
         def scaled() -> Factors:
             per_slot = scale.repeat_interleave(batch.input_ids.shape[1])[:, None]  # (R S, 1)
-            return finish(
-                {n: (u * per_slot.to(u.device, u.dtype), d) for n, (u, d) in factors.items()}
-            )
+            per_slot = per_slot.to(u_any.device, u_any.dtype)
+            return finish({n: (u * per_slot, d) for n, (u, d) in factors.items()})
 
         current = finish(factors) if self.start == 1 else scaled()
         for s in self.boost:
