@@ -10,6 +10,7 @@ Prints (and writes as Markdown + JSON):
   (`--lower-precision bf16`), and on rows whose lower-block activations are in its row cache
   (every later epoch);
 - single-edit latency vs one plain no-grad forward pass of the same ~15-token prompt, ratio;
+  also unchecked (`boost=()`) and with the editor in fp32 throughout (`editor_bf16=False`);
 - batched edit throughput (edits/s) for k = 1, 10, 100;
 - the median time per edit of the `ft` baseline.
 Peak memory is the peak resident set of a process holding the model and data, over two steps
@@ -161,13 +162,14 @@ def edit_speed(args, model, tok, editor: MendEditor, edits) -> dict:
     ids = tok(PROMPT, return_tensors="pt")
     request = [EditRequest(PROMPT, "English")]
     unchecked = MendEditor(model, tok, editor.editor, boost=())
+    fp32 = MendEditor(model, tok, editor.editor, editor_bf16=False)
 
     @torch.no_grad()
     def forward():
         model(**ids, use_cache=False)
 
-    fwd, edit, plain = _median_times(
-        [forward, lambda: editor.edit(request).revert(), lambda: unchecked.edit(request).revert()],
+    fwd, edit, plain, exact = _median_times(
+        [forward, *(lambda m=m: m.edit(request).revert() for m in (editor, unchecked, fp32))],
         args.repeats,
     )
     result = editor.edit(request)
@@ -176,10 +178,14 @@ def edit_speed(args, model, tok, editor: MendEditor, edits) -> dict:
     result.revert()
     res = {"prompt_tokens": ids["input_ids"].shape[1], "forward_seconds": fwd, "edit_seconds": edit,
            "edit_over_forward": edit / fwd, "unchecked_edit_seconds": plain,
-           "unchecked_over_forward": plain / fwd, "edit_took": took}  # fmt: skip
-    print(f"single edit {edit * 1e3:.1f} ms (checked; unchecked {plain * 1e3:.1f} ms) vs forward "
-          f"{fwd * 1e3:.1f} ms ({res['prompt_tokens']} tokens): {res['edit_over_forward']:.2f}x "
-          f"({res['unchecked_over_forward']:.2f}x unchecked); target reached: {took}")  # fmt: skip
+           "unchecked_over_forward": plain / fwd, "editor_bf16": editor.editor_bf16,
+           "fp32_editor_edit_seconds": exact, "fp32_editor_over_forward": exact / fwd,
+           "edit_took": took}  # fmt: skip
+    print(f"single edit {edit * 1e3:.1f} ms (checked; unchecked {plain * 1e3:.1f} ms; editor in "
+          f"fp32 {exact * 1e3:.1f} ms) vs forward {fwd * 1e3:.1f} ms ({res['prompt_tokens']} "
+          f"tokens): {res['edit_over_forward']:.2f}x ({res['unchecked_over_forward']:.2f}x "
+          f"unchecked, {res['fp32_editor_over_forward']:.2f}x editor in fp32); editor bf16: "
+          f"{editor.editor_bf16}; target reached: {took}")  # fmt: skip
     res["batched"] = {}
     for k in (1, 10, 100):
         batch = edits[:k]
@@ -246,7 +252,10 @@ def to_markdown(r: dict) -> str:
              f"| plain no-grad forward, same prompt | {e['forward_seconds'] * 1e3:.1f} ms |",
              f"| edit / forward | {e['edit_over_forward']:.2f}x |",
              f"| the same edit unchecked (`boost=()`) | {e['unchecked_edit_seconds'] * 1e3:.1f} ms, "
-             f"{e['unchecked_over_forward']:.2f}x |"]  # fmt: skip
+             f"{e['unchecked_over_forward']:.2f}x |",
+             f"| the same edit, editor in fp32 throughout (`--editor-fp32`) | "
+             f"{e['fp32_editor_edit_seconds'] * 1e3:.1f} ms, {e['fp32_editor_over_forward']:.2f}x |",
+             f"| editor's large products in bf16 (default here) | {e['editor_bf16']} |"]  # fmt: skip
     for k, b in e["batched"].items():
         lines.append(f"| batched edit k={k} | {b['edits_per_second']:.1f} edits/s |")
     lines.append(f"| ft baseline, median per edit | {r['ft']['ft_seconds_median']:.3f} s |")

@@ -513,3 +513,14 @@ def test_edit_bad_boost_scale_and_unboosted_edit(env, trained, tmp_path, capsys)
     assert not out.exists()
     assert main(_edit_argv(env, trained, out) + ["--boost"]) == 0  # no scales: MEND unchecked
     assert (out / "d.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag, bf16", [([], None), (["--editor-fp32"], False)])
+def test_editor_fp32_flag_keeps_edits_off_bf16(env, trained, tmp_path, flag, bf16):
+    from mend.cli import _mend_editor, _parser
+    from mend.models.upper import bf16_is_fast
+
+    args = _parser().parse_args(_edit_argv(env, trained, tmp_path) + flag)
+    model, tok = load_model(args.model)
+    me = _mend_editor(args, model, tok)
+    assert me.editor_bf16 is (bf16_is_fast(me.device) if bf16 is None else bf16)

@@ -583,3 +583,31 @@ def test_holds_reads_on_the_edited_weights_what_the_check_read_under_the_edit(to
             seen.add(checked)
             result.revert()
     assert seen == {True, False}
+
+
+def test_edits_run_the_editor_in_bf16_only_where_asked_and_stay_close(tokenizer):
+    from mend.models.upper import bf16_is_fast
+
+    model = tiny_model("llama", len(tokenizer))
+    exact = _editor_for(model, tokenizer)
+    with torch.no_grad():  # a trained-like editor: its low-rank branches carry the change
+        for net in exact.editor.nets.values():
+            for block in net.blocks:
+                block.up.weight.normal_(0, 0.1)
+    exact.editor.eval()
+    fast = MendEditor(model, tokenizer, exact.editor, boost=(), editor_bf16=True)
+    exact = MendEditor(model, tokenizer, exact.editor, boost=(), editor_bf16=False)
+    assert MendEditor(model, tokenizer, exact.editor).editor_bf16 == bf16_is_fast(exact.device)
+    reqs = fact_requests(2)
+    d_exact, d_fast = _delta_of(exact, reqs), _delta_of(fast, reqs)
+    for name, d in d_exact.items():
+        assert 0 < float((d_fast[name] - d).norm() / d.norm()) < 1e-2
+    # fp32 throughout is the editor's own output, bit for bit; training never takes bf16.
+    batch = exact.batch([(r.prompt, r.target) for r in reqs])
+    with torch.no_grad():
+        plain = exact.factors(batch, rows_per_edit=None)
+    with torch.enable_grad():
+        graded = fast.factors(batch, rows_per_edit=None)
+    for name, (u, d) in plain.items():
+        assert torch.equal(u, graded[name][0]) and torch.equal(d, graded[name][1])
+        assert graded[name][0].requires_grad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mend.config import EditorConfig
@@ -73,3 +74,47 @@ def test_configs_saved_before_preconditioning_load_as_plain_mend():
     plain = Editor({"w": (3, 4)}, EditorConfig(precondition=None))
     assert plain.preconditioner("w") is None
     assert not any(k.startswith("precond") for k in plain.state_dict())
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_bf16_branch_is_close_to_fp32_and_follows_weight_changes():
+    torch.manual_seed(0)
+    ed = Editor({"a": (48, 64), "b": (64, 48)}, EditorConfig(rank=32, share=False)).eval()
+    blocks = [b for net in ed.nets.values() for b in net.blocks]
+    with torch.no_grad():
+        for b in blocks:
+            b.up.weight.normal_(0, 0.2)
+    captured = {"a": (torch.randn(5, 48), torch.randn(5, 64)), "b": (torch.randn(3, 64), torch.randn(3, 48))}  # fmt: skip
+
+    def both():
+        with torch.no_grad():
+            return ed(captured), ed(captured, torch.bfloat16)
+
+    exact, low = both()
+    for n in captured:
+        for e, lo in zip(exact[n], low[n], strict=True):
+            assert lo.dtype == torch.float32
+            assert 0 < _rel_err(lo, e) < 1e-2  # really bf16 products, yet within ~0.5%
+    # Weights changed by a fused Adam step (which bumps no version counter) in training mode:
+    # back in eval, the bf16 copy follows them.
+    ed.train()
+    opt = torch.optim.Adam(ed.parameters(), lr=0.05, fused=True)
+    sum(x.square().sum() for pair in ed(captured).values() for x in pair).backward()
+    opt.step()
+    ed.eval()
+    new_exact, new_low = both()
+    for n in captured:
+        assert _rel_err(new_exact[n][0], exact[n][0]) > 0.05
+        assert _rel_err(new_low[n][0], new_exact[n][0]) < 1e-2
+    # ... and so it does after an in-place change in eval mode, and for new storage.
+    with torch.no_grad():
+        blocks[0].up.weight.mul_(2)
+        blocks[1].down.weight.data = blocks[1].down.weight.data * 0.5
+    new_exact, new_low = both()
+    for n in captured:
+        assert _rel_err(new_low[n][0], new_exact[n][0]) < 1e-2
+    with pytest.raises(RuntimeError, match="no gradient"):
+        ed(captured, torch.bfloat16)
