@@ -400,6 +400,13 @@ def test_head_argmax_from_bf16_matches_the_exact_argmax_on_near_ties(bias):
     flipped = hidden.double() @ head.weight.double().T + (head.bias.double() if bias else 0)
     flipped = flipped.argmax(-1)
     assert fast.is_argmax(hidden, flipped).all() and not fast.is_argmax(hidden, top).any()
+    # ... and so is new storage swapped in (as an edit of the head does), even one whose
+    # version counter happens to read the same
+    swapped = -head.weight.data
+    while swapped._version < head.weight._version:
+        swapped.add_(0)
+    head.weight.data = swapped
+    assert fast.is_argmax(hidden, top).all() and not fast.is_argmax(hidden, flipped).any()
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])

@@ -30,15 +30,17 @@ class HeadArgmax:
     def __init__(self, head: torch.nn.Module):
         self.head = head
         self.fast = isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
-        self._version = None
+        self._key = None
 
     def _refresh(self) -> None:
-        """(Re)build the bf16 copy and row norms when the head's weights have changed."""
+        """(Re)build the bf16 copy and row norms when the head's weights have changed (new
+        storage, or an in-place change that autograd's version counter saw)."""
         w = self.head.weight
-        if self._version != w._version:
+        key = (w.data_ptr(), w._version)
+        if self._key != key:
             self.w16 = w.detach().bfloat16()
             self.norms = w.detach().norm(dim=1)
-            self._version = w._version
+            self._key = key
 
     @torch.no_grad()
     def is_argmax(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
