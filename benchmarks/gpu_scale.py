@@ -9,7 +9,11 @@ Reports per model, measured side by side in one process: editor-training step ti
 memory of the fast path and of the reference path (`--reference-steps 0` skips it) and their
 ratio; single-edit latency (checked, and unchecked: `boost=()`) next to one plain no-grad forward
 of the same prompt; edits/s of one batched edit of 10. Peak memory on CUDA is
-torch.cuda.max_memory_allocated (model weights included), reset before each path. Weights are
+torch.cuda.max_memory_allocated (model weights included), reset before each path; on CPU it is
+the process's peak resident memory (Linux, reset likewise; it includes the Python and PyTorch
+runtime, ~0.5 GiB), so a real size that fits in RAM can be sized without a GPU:
+    python benchmarks/gpu_scale.py --device cpu --dtype bf16 --only llama-7b --reference-steps 0
+Weights are
 random, so only speed and memory mean anything here (a checked edit of a random model usually
 misses its target and tries every boost: the unchecked time is the edit's own cost). The goal:
 editor training for the 7B model within 24 GB of GPU memory.
@@ -26,6 +30,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from speed import reset_rss_peak, rss_peak_mb  # benchmarks/speed.py
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -93,9 +98,12 @@ class Clock:
     def reset_peak(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_rss_peak()
 
-    def peak_gib(self) -> float | None:
-        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+    def peak_gib(self) -> float:
+        """Peak GPU memory allocated (CUDA) or peak resident memory (CPU) since the reset."""
+        return (torch.cuda.max_memory_allocated() if self.cuda else rss_peak_mb() * 2**20) / 2**30
 
     def median(self, fn, repeats: int) -> float:
         """Median seconds of fn() over `repeats` calls, after one untimed warm-up call."""
@@ -167,8 +175,8 @@ def measure(name, family, overrides, device, dtype, args) -> dict:
     ref = row.get("reference")
     print(f"{name:<13} {row['params_b']:6.2f}B  train step fast {row['fast']['step_s']:.3f} s"
           + (f" / reference {ref['step_s']:.3f} s ({row['speedup']:.2f}x)" if ref else "")
-          + (f", peak {row['fast']['peak_gib']:.1f} GiB" if row["fast"]["peak_gib"] else "")
-          + (f" / {ref['peak_gib']:.1f} GiB" if ref and ref["peak_gib"] else "")
+          + f", peak {row['fast']['peak_gib']:.2f} GiB" + (f" / {ref['peak_gib']:.2f} GiB" if ref else "")
+          + (" (CUDA allocated)" if clock.cuda else " (CPU resident)")
           + f"; edit {row['unchecked_edit_s'] * 1e3:.1f} ms unchecked ({row['edit_s'] * 1e3:.1f}"
           f" checked) vs forward {row['forward_s'] * 1e3:.1f} ms: "
           f"{row['unchecked_over_forward']:.2f}x; k=10 {row['batched10_edits_per_s']:.0f} edits/s; "
@@ -205,6 +213,8 @@ def main(argv=None) -> None:
     args.rank = rank
     report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
               "torch": torch.__version__, "dtype": str(dtype), "rank": rank, "batch_edits": 4,
+              "peak_memory": "torch.cuda.max_memory_allocated" if device.startswith("cuda")
+              else "peak resident memory of the process (VmHWM)",
               "rows": [], "failed": {}}  # fmt: skip
     for name, (family, overrides) in table.items():
         if args.only and name not in args.only:

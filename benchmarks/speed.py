@@ -45,8 +45,8 @@ from mend.train import build_rows, edit_step, similar_index
 PROMPT = "The mother tongue of Danielle Darrieux, the French actress, is"  # ~15 tokens
 
 
-def _rss_mb() -> float:
-    """Peak resident memory of this process since start or the last `_reset_peak()`, in MB."""
+def rss_peak_mb() -> float:
+    """Peak resident memory of this process since start or the last `reset_rss_peak()`, in MB."""
     try:
         status = Path("/proc/self/status").read_text()
         return int(status.split("VmHWM:")[1].split()[0]) / 1024
@@ -54,7 +54,7 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak() -> None:
+def reset_rss_peak() -> None:
     """Start the peak over from the current resident memory (Linux; elsewhere a no-op)."""
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
@@ -100,11 +100,11 @@ def _peak_memory(args, mode: str, queue) -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     data, cfg, me, stacks, similar = _setup(args, model, tok)
-    _reset_peak()  # loading the model peaks higher than a step; count from here
-    rss_model = _rss_mb()
+    reset_rss_peak()  # loading the model peaks higher than a step; count from here
+    rss_model = rss_peak_mb()
     for step in range(2 if mode != "fast_warm" else 4):
         _step(data, cfg, me, stacks[mode], similar, step % 2)  # fast_warm: the rows again
-    queue.put({"peak_rss_mb": _rss_mb(), "rss_model_mb": rss_model})
+    queue.put({"peak_rss_mb": rss_peak_mb(), "rss_model_mb": rss_model})
 
 
 def train_speed(args, model, tok) -> dict:

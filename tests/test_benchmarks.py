@@ -33,6 +33,7 @@ def test_gpu_scale_tiny_runs_on_cpu_and_reports_every_model(tmp_path, dtype):
     assert [r["model"] for r in rows] == ["gpt2-tiny", "llama-tiny"]
     for r in rows:
         assert r["fast"]["step_s"] > 0 and r["reference"]["step_s"] > 0
+        assert r["fast"]["peak_gib"] > 0.1 and r["reference"]["peak_gib"] > 0.1  # RSS: torch too
         assert r["speedup"] == r["reference"]["step_s"] / r["fast"]["step_s"]
         assert r["edit_s"] > 0 and r["forward_s"] > 0 and r["editor_params_m"] > 0
         assert r["unchecked_over_forward"] == r["unchecked_edit_s"] / r["forward_s"]
