@@ -618,3 +618,24 @@ def test_edits_run_the_editor_in_bf16_only_where_asked_and_stay_close(tokenizer)
     for name, (u, d) in plain.items():
         assert torch.equal(u, graded[name][0]) and torch.equal(d, graded[name][1])
         assert graded[name][0].requires_grad
+
+
+def test_an_edit_of_a_bf16_model_adds_the_change_within_bf16_rounding(tokenizer):
+    model = tiny_model("llama", len(tokenizer)).to(torch.bfloat16)
+    me = _editor_for(model, tokenizer, init_alpha=1e-2)
+    with torch.no_grad():
+        for net in me.editor.nets.values():
+            for block in net.blocks:
+                block.up.weight.normal_(0, 0.1)
+    before = {p.name: p.weight.detach().clone() for p in me.params}
+    result = me.edit(fact_requests(1))
+    sizes = []
+    for p in me.params:
+        w, delta = before[p.name].float(), result.deltas[p.name].float()  # fp32 Delta W
+        assert p.weight.dtype == torch.bfloat16
+        sizes.append(float(delta.norm() / w.norm()))
+        err = (p.weight.detach().float() - (w + delta)).norm() / (w + delta).norm()
+        assert err < 2**-7  # bf16 rounding of the factors and of the sum
+    assert max(sizes) > 0.3 and min(sizes) > 1e-3  # real changes
+    result.revert()
+    assert all(torch.equal(p.weight, before[p.name]) for p in me.params)
