@@ -151,6 +151,8 @@ def measure(name, family, overrides, device, dtype, args) -> dict:
     pool = requests(64)
     row = {"model": name, "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
            "editor_params_m": sum(p.numel() for p in editor.parameters()) / 1e6,
+           # the key preconditioners: one (in, in) matrix per edited weight (1 GB for GPT-J's fc_out)
+           "editor_buffers_m": sum(b.numel() for b in editor.buffers()) / 1e6,
            "edited": [p.name for p in params], "build_s": build_s}  # fmt: skip
     row["fast"] = train_path(me, stack, pool, tcfg, clock, args.steps)
     if args.reference_steps:
@@ -180,7 +182,8 @@ def measure(name, family, overrides, device, dtype, args) -> dict:
           + f"; edit {row['unchecked_edit_s'] * 1e3:.1f} ms unchecked ({row['edit_s'] * 1e3:.1f}"
           f" checked) vs forward {row['forward_s'] * 1e3:.1f} ms: "
           f"{row['unchecked_over_forward']:.2f}x; k=10 {row['batched10_edits_per_s']:.0f} edits/s; "
-          f"editor {row['editor_params_m']:.0f}M params", flush=True)  # fmt: skip
+          f"editor {row['editor_params_m']:.0f}M params + {row['editor_buffers_m']:.0f}M in buffers",
+          flush=True)  # fmt: skip
     return row  # the model and editor go with this frame; main() frees their memory
 
 
@@ -229,8 +232,30 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
         if args.out:
             write_json(Path(args.out).with_suffix(".json"), report)
+            Path(args.out).with_suffix(".md").write_text(to_markdown(report))
     if report["failed"]:
         raise SystemExit(f"failed: {', '.join(report['failed'])}")
+
+
+def to_markdown(r: dict) -> str:
+    """The report as a Markdown table, one row per model."""
+    where = "GPU memory allocated" if r["peak_memory"].startswith("torch.cuda") else "peak RSS"
+    lines = [f"# Scale: {r['device']}, model {r['dtype']}, editor rank {r['rank']}, "
+             f"{r['batch_edits']} edits per step", "",
+             f"| model | params | editor (+ buffers) | train step fast / reference (ratio) | {where} fast / "
+             "reference | forward | edit unchecked / checked (unchecked / forward) | k=10 edits/s |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for x in r["rows"]:
+        ref = x.get("reference")
+        step = f"{x['fast']['step_s']:.3f} s" + (f" / {ref['step_s']:.3f} s ({x['speedup']:.2f}x)" if ref else "")  # fmt: skip
+        mem = f"{x['fast']['peak_gib']:.2f} GiB" + (f" / {ref['peak_gib']:.2f} GiB" if ref else "")
+        lines.append(f"| {x['model']} | {x['params_b']:.2f}B | {x['editor_params_m']:.0f}M "
+                     f"(+ {x.get('editor_buffers_m', float('nan')):.0f}M) | {step} | "
+                     f"{mem} | {x['forward_s'] * 1e3:.1f} ms | {x['unchecked_edit_s'] * 1e3:.1f} / "
+                     f"{x['edit_s'] * 1e3:.1f} ms ({x['unchecked_over_forward']:.2f}x) | "
+                     f"{x['batched10_edits_per_s']:.1f} |")  # fmt: skip
+    lines += [f"| {name} | failed: {why} | | | | | | |" for name, why in r["failed"].items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ def test_gpu_scale_tiny_runs_on_cpu_and_reports_every_model(tmp_path, dtype):
         assert r["edit_s"] > 0 and r["forward_s"] > 0 and r["editor_params_m"] > 0
         assert r["unchecked_over_forward"] == r["unchecked_edit_s"] / r["forward_s"]
         assert len(r["edited"]) == {"gpt2-tiny": 6, "llama-tiny": 9}[r["model"]]  # last 3 MLPs
+    table = out.with_suffix(".md").read_text().splitlines()
+    assert "peak RSS" in table[2] and [x.split(" | ")[0] for x in table[4:]] == ["| gpt2-tiny", "| llama-tiny"]  # fmt: skip
 
 
 def test_compare_merges_its_parts_and_mend_eval_rows_into_one_table(tmp_path, monkeypatch):
