@@ -86,8 +86,8 @@ class EditResult:
                 w = p.weight.data
                 new = pool.take(name, w) if pool is not None else torch.empty_like(w)
                 if isinstance(change, tuple) and w.dtype in (change[0].dtype, torch.bfloat16):
-                    # (a bf16 weight takes bf16 factors: rounding them costs less than rounding
-                    # the sum, and a 7B model's fp32 Delta W would be 1.6 GB of traffic)
+                    # (a bf16 weight takes bf16 factors: their rounding is of the order of the
+                    # new weight's own, and an fp32 Delta W would be 1.6 GB of traffic on 7B)
                     p.outer_sum(*(c.to(w.dtype) for c in change), base=w, out=new)
                 else:
                     torch.add(w, self._delta(name).to(w.dtype), out=new)
