@@ -13,10 +13,9 @@ torch.cuda.max_memory_allocated (model weights included), reset before each path
 the process's peak resident memory (Linux, reset likewise; it includes the Python and PyTorch
 runtime, ~0.5 GiB), so a real size that fits in RAM can be sized without a GPU:
     python benchmarks/gpu_scale.py --device cpu --dtype bf16 --only llama-7b --reference-steps 0
-Weights are
-random, so only speed and memory mean anything here (a checked edit of a random model usually
-misses its target and tries every boost: the unchecked time is the edit's own cost). The goal:
-editor training for the 7B model within 24 GB of GPU memory.
+Weights are random, so only speed and memory mean anything here (a checked edit of a random
+model usually misses its target and tries every boost: the unchecked time is the edit's own
+cost). The goal: editor training for the 7B model within 24 GB of GPU memory.
 """
 
 from __future__ import annotations

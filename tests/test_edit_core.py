@@ -596,15 +596,15 @@ def test_edits_run_the_editor_in_bf16_only_where_asked_and_stay_close(tokenizer)
     from mend.models.upper import bf16_is_fast
 
     model = tiny_model("llama", len(tokenizer))
-    exact = _editor_for(model, tokenizer)
+    editor = _editor_for(model, tokenizer).editor
     with torch.no_grad():  # a trained-like editor: its low-rank branches carry the change
-        for net in exact.editor.nets.values():
+        for net in editor.nets.values():
             for block in net.blocks:
                 block.up.weight.normal_(0, 0.1)
-    exact.editor.eval()
-    fast = MendEditor(model, tokenizer, exact.editor, boost=(), editor_bf16=True)
-    exact = MendEditor(model, tokenizer, exact.editor, boost=(), editor_bf16=False)
-    assert MendEditor(model, tokenizer, exact.editor).editor_bf16 == bf16_is_fast(exact.device)
+    editor.eval()
+    fast = MendEditor(model, tokenizer, editor, boost=(), editor_bf16=True)
+    exact = MendEditor(model, tokenizer, editor, boost=(), editor_bf16=False)
+    assert MendEditor(model, tokenizer, editor).editor_bf16 == bf16_is_fast(exact.device)
     reqs = fact_requests(2)
     d_exact, d_fast = _delta_of(exact, reqs), _delta_of(fast, reqs)
     for name, d in d_exact.items():
