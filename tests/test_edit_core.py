@@ -410,20 +410,37 @@ def test_head_argmax_from_bf16_matches_the_exact_argmax_on_near_ties(bias):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_head_projection_equals_the_linear_layer_with_its_gradient(bias):
-    from mend.models.head import project
+@pytest.mark.parametrize("vocab, rows", [(3000, 5), (2048, 1), (3000, 1), (500, 3)])
+def test_head_projection_equals_the_linear_layer_with_its_gradients(bias, vocab, rows):
+    from mend.models import head as head_mod
 
+    # 3000 rows: two chunks of 1024 and a tail; 2048: chunks only; 500: the plain product
     torch.manual_seed(0)
-    head = torch.nn.Linear(64, 3000, bias=bias)
-    hidden = torch.randn(5, 64, requires_grad=True)
-    weights = torch.randn(5, 3000)
-    ours = project(head, hidden)
+    head = torch.nn.Linear(64, vocab, bias=bias)
+    hidden = torch.randn(rows, 64, requires_grad=True)
+    weights = torch.randn(rows, vocab)
+    ours = head_mod.project(head, hidden)
     (g_ours,) = torch.autograd.grad((ours * weights).sum(), hidden)
     ref = head(hidden)
     (g_ref,) = torch.autograd.grad((ref * weights).sum(), hidden)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-5)
-    assert ours.dtype == torch.float32 and ours.shape == (5, 3000)
+    assert ours.dtype == torch.float32 and ours.shape == (rows, vocab)
+    # The head's own gradient: formed when asked for (backward), skipped when not (above).
+    calls = []
+    real = head_mod._WeightGrad.backward
+    head_mod._WeightGrad.backward = staticmethod(lambda ctx, g: calls.append(1) or real(ctx, g))
+    try:
+        torch.autograd.grad((head_mod.project(head, hidden) * weights).sum(), hidden)
+        assert calls == []
+        (head_mod.project(head, hidden) * weights).sum().backward()
+        assert calls == [1]
+    finally:
+        head_mod._WeightGrad.backward = real
+    w_ours = head.weight.grad.clone()
+    head.zero_grad()
+    (head(hidden) * weights).sum().backward()
+    torch.testing.assert_close(w_ours, head.weight.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_fit_shared_finds_the_mean_edit_and_batches_count_it_once(tokenizer, tmp_path):
