@@ -98,9 +98,10 @@ def head_logits(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """hidden @ weight^T: (P, d), (V, d) -> (P, V).
 
     On the CPU, as one batched product over chunks of the vocabulary: for the few positions
-    an edit or a step scores, MKL runs a plain (V, d) x (d, P) product on one core (a matrix-
-    vector product for P = 1), the batch on all of them. SmolLM2's head, 2 cores: P = 1 9.5 ->
-    2.3 ms, P = 64 27.8 -> 23.7 ms. Each logit is the same dot product either way.
+    an edit or a step scores, MKL ran the plain (V, d) x (d, P) product far below the
+    machine's memory bandwidth (as a matrix-vector product for P = 1), and a batch of chunks
+    spreads over the cores. SmolLM2's head, 2 cores: P = 1 9.5 -> 2.3 ms, P = 64 27.8 ->
+    23.7 ms. Each logit is the same dot product either way.
     """
     split = _chunked(weight)
     if split is None:
