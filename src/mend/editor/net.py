@@ -9,31 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mend.config import EditorConfig
+from mend.derived import Derived
 from mend.editor.norm import RunningNorm
-
-
-class LowCopies:
-    """Lower-precision copies of a module's tensors, for products that take no gradient.
-
-    A copy is remade when its source changes storage or version, and `clear()` (called on
-    every switch between training and eval mode) drops them all: version counters miss some
-    in-place updates (PyTorch's fused Adam bumps none).
-    """
-
-    def __init__(self):
-        self._copies: dict[str, tuple] = {}
-
-    def get(self, name: str, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype):
-        if torch.is_grad_enabled():
-            raise RuntimeError("low-precision editor products carry no gradient: use no_grad")
-        key = (dtype, *((t.data_ptr(), t._version) for t in tensors))
-        held = self._copies.get(name)
-        if held is None or held[0] != key:
-            held = self._copies[name] = (key, *(t.detach().to(dtype) for t in tensors))
-        return held[1:]
-
-    def clear(self) -> None:
-        self._copies.clear()
 
 
 class LowRankBlock(nn.Module):
@@ -55,7 +32,7 @@ class LowRankBlock(nn.Module):
         nn.init.zeros_(self.up.weight)
         self.scale = nn.Parameter(torch.ones(n_layers, dim))
         self.shift = nn.Parameter(torch.zeros(n_layers, dim))
-        self.low = LowCopies()  # V, b, U in a lower precision, made on demand
+        self.low = Derived()  # V, b, U in a lower precision, made on demand
 
     def forward(
         self, z: torch.Tensor, layer_ids: torch.Tensor, low: torch.dtype | None = None
@@ -69,13 +46,15 @@ class LowRankBlock(nn.Module):
         if low is None:
             h = self.up(torch.relu(self.down(z)))
         else:
+            if torch.is_grad_enabled():
+                raise RuntimeError("low-precision editor products carry no gradient: use no_grad")
             ws = (self.down.weight, self.down.bias, self.up.weight)
-            down_w, down_b, up_w = self.low.get("branch", ws, low)
+            down_w, down_b, up_w = self.low.get(low, ws, lambda *t: tuple(x.to(low) for x in t))
             h = F.linear(torch.relu(F.linear(z.to(low), down_w, down_b)), up_w).to(z.dtype)
         return z + self.scale[layer_ids] * h + self.shift[layer_ids]
 
     def train(self, mode: bool = True):
-        if mode != self.training:
+        if mode != self.training:  # (fused Adam's steps in training mode bump no version)
             self.low.clear()
         return super().train(mode)
 
@@ -212,7 +191,7 @@ class Editor(nn.Module):
         Args:
             captured: {name: (u (N_name, in), delta (N_name, out))} in fp32.
             low: e.g. torch.bfloat16: the low-rank branches' products in that dtype, from
-                cached copies of their weights (`LowCopies`); the normalisation, residuals,
+                cached copies of their weights (`mend.derived`); the normalisation, residuals,
                 FiLM and preconditioner stay fp32, so an identity editor stays exact. For
                 edits (no gradient): an edit reads every editor weight for a handful of
                 tokens, so its cost is the bytes read, and bf16 halves them (the unshared

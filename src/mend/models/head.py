@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from mend.derived import Derived
+
 # |bf16 logit - fp32 logit| <= BOUND * ||w_j|| * ||h||: rounding w and h to bf16 (2^-9 each),
 # rounding the output (2^-9 of |z| <= ||w|| ||h||) and fp32 accumulation (~d * 2^-24): below
 # 2^-8 + 2^-9 + 2^-14 in all, so 2^-7 leaves room.
@@ -30,17 +32,7 @@ class HeadArgmax:
     def __init__(self, head: torch.nn.Module):
         self.head = head
         self.fast = isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
-        self._key = None
-
-    def _refresh(self) -> None:
-        """(Re)build the bf16 copy and row norms when the head's weights have changed (new
-        storage, or an in-place change that autograd's version counter saw)."""
-        w = self.head.weight
-        key = (w.data_ptr(), w._version)
-        if self._key != key:
-            self.w16 = w.detach().bfloat16()
-            self.norms = w.detach().norm(dim=1)
-            self._key = key
+        self._derived = Derived()  # the bf16 copy and row norms of the head's weight
 
     @torch.no_grad()
     def is_argmax(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,7 +44,9 @@ class HeadArgmax:
         """
         if not self.fast:
             return self.head(hidden).float().argmax(-1) == labels
-        self._refresh()
+        self.w16, self.norms = self._derived.get(
+            "head", (self.head.weight,), lambda w: (w.bfloat16(), w.norm(dim=1))
+        )
         w, bias = self.head.weight, self.head.bias
         hidden = hidden.float()
         z = (hidden.bfloat16() @ self.w16.T).float()  # (P, V)
