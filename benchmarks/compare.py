@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mend.baselines import FTEditor, GradEditor, NoEdit, kl_prompts
+from mend.baselines import BASELINES, GradEditor, make_baseline
 from mend.checkpoint import load_editor
 from mend.data import load_checked, resolve_data
 from mend.data.collate import context_length
@@ -29,19 +29,16 @@ SHORT = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "
          "efficacy_score": "ES", "paraphrase_score": "PS", "neighborhood_score": "NS"}  # fmt: skip
 
 
-METHODS = ("mend", "ft", "ft-kl", "grad", "none")
+METHODS = ("mend", *BASELINES)
 
 
 def make_methods(model, tok, editor_dir, grad_lr, ft_steps, names=METHODS):
-    loc = kl_prompts()
-    makers = {
-        "mend": lambda: MendEditor(model, tok, load_editor(editor_dir, model)),
-        "ft": lambda: FTEditor(model, tok, max_steps=ft_steps),
-        "ft-kl": lambda: FTEditor(model, tok, max_steps=ft_steps, kl_weight=1.0, loc_prompts=loc),
-        "grad": lambda: GradEditor(model, tok, lr=grad_lr),
-        "none": lambda: NoEdit(model, tok),
-    }
-    return {name: makers[name]() for name in names}
+    options = {"grad_lr": grad_lr, "ft_steps": ft_steps}
+    return {
+        name: MendEditor.from_pretrained(editor_dir, model, tok) if name == "mend"
+        else make_baseline(name, model, tok, **options)
+        for name in names
+    }  # fmt: skip
 
 
 def tune_grad_lr(model, tok, edits) -> float:

@@ -1,4 +1,4 @@
-"""Editor training and editing at real model sizes, on randomly initialised models.
+"""EditorNet training and editing at real model sizes, on randomly initialised models.
 
     python benchmarks/gpu_scale.py --out docs/results/gpu-scale   # CUDA, bf16, all REAL models
     python benchmarks/gpu_scale.py --tiny                          # the same code on CPU, tiny configs
@@ -33,13 +33,14 @@ from speed import reset_rss_peak, rss_peak_mb  # benchmarks/speed.py
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from mend.config import EditorConfig, TrainConfig
+from mend.config import EditorConfig, Sampling, TrainConfig
 from mend.edit import MendEditor
-from mend.editor import Editor
+from mend.editor import EditorNet
 from mend.files import write_json
 from mend.models import find_editable
 from mend.models.upper import UpperStack
-from mend.train import build_rows, edit_step
+from mend.training.sampling import build_rows
+from mend.training.step import edit_step
 from mend.types import EditRequest, Probe
 
 REAL = {
@@ -117,13 +118,13 @@ class Clock:
 
 def train_path(me, stack, pool, tcfg, clock: Clock, steps: int) -> dict:
     """Median step time (forward, backward, Adam) and peak memory of one training path."""
-    opt = torch.optim.Adam(me.editor.parameters(), lr=1e-5)
+    opt = torch.optim.Adam(me.net.parameters(), lr=1e-5)
     step = iter(range(10**9))
 
     def one():
         rng = random.Random(next(step))
-        reqs = rng.sample(pool, tcfg.batch_size)
-        loss, _ = edit_step(me, reqs, build_rows(reqs, pool, tcfg, rng), tcfg, stack)
+        reqs = rng.sample(pool, tcfg.sampling.edits_per_step)
+        loss, _ = edit_step(me, reqs, build_rows(reqs, pool, tcfg.sampling, rng), tcfg, stack)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -142,9 +143,9 @@ def measure(name, family, overrides, device, dtype, args) -> dict:
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval().requires_grad_(False)
     build_s = time.perf_counter() - t
     params = find_editable(model)
-    tcfg = TrainConfig(editor=EditorConfig(rank=args.rank), batch_size=4, loc_per_edit=4)
+    tcfg = TrainConfig(editor=EditorConfig(rank=args.rank), sampling=Sampling(loc_per_edit=4))
     torch.manual_seed(0)
-    editor = Editor({p.name: p.in_out for p in params}, tcfg.editor).to(device).train()
+    editor = EditorNet({p.name: p.in_out for p in params}, tcfg.editor).to(device).train()
     me = MendEditor(model, tok, editor)
     stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
     pool = requests(64)

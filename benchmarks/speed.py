@@ -32,15 +32,16 @@ import torch
 
 from mend.baselines import FTEditor
 from mend.checkpoint import load_editor
-from mend.config import EditorConfig, TrainConfig
+from mend.config import EditorConfig, Sampling, TrainConfig
 from mend.data import load_checked
 from mend.data.collate import context_length
 from mend.edit import MendEditor
-from mend.editor import Editor
+from mend.editor import EditorNet
 from mend.files import write_json
 from mend.models import find_editable, load_model
 from mend.models.upper import RowCache, UpperStack
-from mend.train import build_rows, edit_step, similar_index
+from mend.training.sampling import build_rows, similar_index
+from mend.training.step import edit_step
 
 PROMPT = "The mother tongue of Danielle Darrieux, the French actress, is"  # ~15 tokens
 
@@ -69,17 +70,17 @@ def _setup(args, model, tok):
     """Training data, config and a fresh editor bound to the model, the same for every path."""
     model.requires_grad_(False)
     data = load_checked("counterfact-train", tok, context_length(model))[:2000]
-    cfg = TrainConfig(editor=EditorConfig(rank=args.rank), batch_size=args.batch)
+    cfg = TrainConfig(editor=EditorConfig(rank=args.rank), sampling=Sampling(edits_per_step=args.batch))
     params = find_editable(model)
     torch.manual_seed(0)
-    editor = Editor({p.name: p.in_out for p in params}, cfg.editor).train()
+    editor = EditorNet({p.name: p.in_out for p in params}, cfg.editor).train()
     me = MendEditor(model, tok, editor)
     start = UpperStack.first_edited_block(model, [p.name for p in params])
     stacks = {
         "reference": None,
         "fast": UpperStack(model, start),
         "fast_bf16": UpperStack(model, start, lower_dtype=torch.bfloat16),
-        "fast_warm": UpperStack(model, start, RowCache(cfg.row_cache_mb << 20)),
+        "fast_warm": UpperStack(model, start, RowCache(cfg.speed.row_cache_mb << 20)),
     }
     return data, cfg, me, stacks, similar_index(data)
 
@@ -87,8 +88,8 @@ def _setup(args, model, tok):
 def _step(data, cfg, me, stack, similar, step: int) -> float:
     """One training step (forward, backward) on the batch of `step`; its wall time."""
     rng = random.Random(step)
-    reqs = rng.sample(data, cfg.batch_size)
-    rows = build_rows(reqs, data, cfg, rng, similar)
+    reqs = rng.sample(data, cfg.sampling.edits_per_step)
+    rows = build_rows(reqs, data, cfg.sampling, rng, similar)
     t = time.perf_counter()
     loss, _ = edit_step(me, reqs, rows, cfg, stack)
     loss.backward()
@@ -161,8 +162,8 @@ def edit_speed(args, model, tok, editor: MendEditor, edits) -> dict:
 
     ids = tok(PROMPT, return_tensors="pt")
     request = [EditRequest(PROMPT, "English")]
-    unchecked = MendEditor(model, tok, editor.editor, boost=())
-    fp32 = MendEditor(model, tok, editor.editor, editor_bf16=False)
+    unchecked = MendEditor(model, tok, editor.net, boost=())
+    fp32 = MendEditor(model, tok, editor.net, editor_bf16=False)
 
     @torch.no_grad()
     def forward():
@@ -227,7 +228,7 @@ def main(argv=None) -> None:
         editor = load_editor(args.editor, model)
     else:
         params = find_editable(model)
-        editor = Editor({p.name: p.in_out for p in params}, EditorConfig(rank=args.rank))
+        editor = EditorNet({p.name: p.in_out for p in params}, EditorConfig(rank=args.rank))
     me = MendEditor(model, tok, editor)
     report["edit"] = edit_speed(args, model, tok, me, edits)
     report["ft"] = ft_speed(model, tok, edits[:10])

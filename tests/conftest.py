@@ -81,12 +81,12 @@ def tiny_mend(tokenizer, cls=None, **kw):
     identity-initialised rank-8 editor whose step alpha is 0.05."""
     from mend.config import EditorConfig
     from mend.edit import MendEditor
-    from mend.editor import Editor
+    from mend.editor import EditorNet
     from mend.models import find_editable
 
     model = tiny_model("llama", len(tokenizer))
     shapes = {p.name: p.in_out for p in find_editable(model)}
-    editor = Editor(shapes, EditorConfig(rank=8, init_alpha=0.05))
+    editor = EditorNet(shapes, EditorConfig(rank=8, init_alpha=0.05))
     return (cls or MendEditor)(model, tokenizer, editor, **kw)
 
 

@@ -1,4 +1,4 @@
-"""Editor checkpoints, delta files and saved edited models: exact round trips and clear refusals."""
+"""EditorNet checkpoints, delta files and saved edited models: exact round trips and clear refusals."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from mend.checkpoint import (
 )
 from mend.config import EditorConfig
 from mend.edit import MendEditor
-from mend.editor import Editor
+from mend.editor import EditorNet
 from mend.errors import MendError
 from mend.grads import key_moments
 from mend.models import find_editable, load_model
@@ -45,7 +45,7 @@ def _llama_variant(vocab: int, seed: int = 0, **changes):
 def _trained_looking_editor(model, tok, seed: int = 3) -> MendEditor:
     """An editor away from its identity init, with running-norm statistics from real tokens."""
     params = find_editable(model)
-    editor = Editor({p.name: p.in_out for p in params}, EditorConfig(rank=8, init_alpha=0.1))
+    editor = EditorNet({p.name: p.in_out for p in params}, EditorConfig(rank=8, init_alpha=0.1))
     torch.manual_seed(seed)
     with torch.no_grad():
         for prm in editor.parameters():
@@ -61,7 +61,7 @@ def _trained_looking_editor(model, tok, seed: int = 3) -> MendEditor:
 
 
 def _save(folder: Path, me: MendEditor) -> None:
-    save_editor(folder, me.editor, model_identity(me.model, me.editor.names))
+    save_editor(folder, me.net, model_identity(me.model, me.net.names))
 
 
 def _deltas(me: MendEditor, reqs) -> dict[str, torch.Tensor]:
@@ -86,14 +86,14 @@ def setup(tok, tmp_path_factory):
 def test_round_trip_gives_bit_identical_edits(setup, tok):
     model, me, folder = setup
     # The state is non-trivial: statistics were gathered, parameters are off their init.
-    for net in me.editor.nets.values():
+    for net in me.net.nets.values():
         assert (net.norm_u.count >= 2).all() and (net.norm_d.count >= 2).all()
         assert net.norm_u.m2.abs().sum() > 0
     loaded = load_editor(folder, model)
     assert loaded.training is False
-    assert loaded.names == me.editor.names  # order matters: it indexes log_alpha
-    assert loaded.cfg == me.editor.cfg
-    saved, got = me.editor.state_dict(), loaded.state_dict()
+    assert loaded.names == me.net.names  # order matters: it indexes log_alpha
+    assert loaded.cfg == me.net.cfg
+    saved, got = me.net.state_dict(), loaded.state_dict()
     assert saved.keys() == got.keys()
     for k in saved:
         assert got[k].dtype == saved[k].dtype, k  # float64 statistics stay float64
@@ -103,7 +103,7 @@ def test_round_trip_gives_bit_identical_edits(setup, tok):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     original = _deltas(me, reqs)
     reloaded = _deltas(MendEditor(model, tok, loaded), reqs)
-    assert original.keys() == reloaded.keys() == set(me.editor.names)
+    assert original.keys() == reloaded.keys() == set(me.net.names)
     for name in original:
         assert original[name].abs().max() > 0
         assert torch.equal(original[name], reloaded[name]), name
@@ -111,7 +111,7 @@ def test_round_trip_gives_bit_identical_edits(setup, tok):
         assert torch.equal(v, before[k]), k  # both edits were reverted exactly
 
     # The key preconditioners were saved: not the identity they start as.
-    p0 = loaded.preconditioner(name=me.editor.names[0])
+    p0 = loaded.preconditioner(name=me.net.names[0])
     assert not torch.allclose(p0, torch.eye(len(p0)))
 
     # The statistics matter: the same editor without them edits differently.
@@ -120,7 +120,7 @@ def test_round_trip_gives_bit_identical_edits(setup, tok):
         net.norm_u.count.zero_()
         net.norm_d.count.zero_()
     no_stats = _deltas(MendEditor(model, tok, blank), reqs)
-    name = me.editor.names[0]
+    name = me.net.names[0]
     assert not torch.allclose(no_stats[name], original[name])
 
 
@@ -303,7 +303,7 @@ def test_save_delta_and_apply_delta_reproduce_the_edit(setup, tok, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["d.safetensors"]
 
     applied = apply_delta(fresh, out)
-    assert set(applied.deltas) == set(me.editor.names)
+    assert set(applied.deltas) == set(me.net.names)
     for name, weight in edited.items():
         now = fresh.get_submodule(name).weight
         assert not torch.equal(now, pristine[name + ".weight"])
@@ -354,7 +354,7 @@ def test_save_pretrained_writes_a_loadable_edited_model(setup, tok, tmp_path):
         == tok("The colour loved by Alice is")["input_ids"]
     )
     loaded = m2.state_dict()
-    for name in me.editor.names:
+    for name in me.net.names:
         key = name + ".weight"
         assert not torch.equal(edited[key], before[key])
         assert torch.equal(loaded[key], edited[key]), key

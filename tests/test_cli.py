@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 from mend.checkpoint import WEIGHTS_FILE, model_identity, save_editor
 from mend.cli import main
 from mend.config import EditorConfig
-from mend.editor import Editor
+from mend.editor import EditorNet
 from mend.evaluate import METRICS
 from mend.models import find_editable, load_model
 from mend.result import apply_delta
@@ -440,7 +440,7 @@ def test_edit_prompt_longer_than_context(env, trained, tmp_path, capsys):
 def _foreign_editor(folder: Path, model) -> Path:
     names = [p.name for p in find_editable(model)]
     ident = model_identity(model, names)
-    save_editor(folder, Editor(ident["params"], EditorConfig(rank=4)), ident)
+    save_editor(folder, EditorNet(ident["params"], EditorConfig(rank=4)), ident)
     return folder
 
 

@@ -10,7 +10,7 @@ from conftest import fact_requests, tiny_model
 
 from mend.config import EditorConfig
 from mend.edit import MendEditor
-from mend.editor import Editor
+from mend.editor import EditorNet
 from mend.errors import MendError
 from mend.evaluate import evaluate
 from mend.grads import capture, key_moments
@@ -22,7 +22,7 @@ from mend.models.forward import scored_logits
 def _editor_for(model, tokenizer, boost=(), **kw) -> MendEditor:
     """An identity-initialised editor; `boost` off by default, so edits are MEND's change as is."""
     params = find_editable(model)
-    editor = Editor({p.name: p.in_out for p in params}, EditorConfig(rank=16, **kw))
+    editor = EditorNet({p.name: p.in_out for p in params}, EditorConfig(rank=16, **kw))
     return MendEditor(model, tokenizer, editor, boost=boost)
 
 
@@ -76,14 +76,14 @@ def test_functional_and_in_place_edits_give_the_same_logits(
     # Perturb the editor away from identity so the test exercises the network too.
     torch.manual_seed(1)
     with torch.no_grad():
-        for prm in me.editor.parameters():
+        for prm in me.net.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
-    me.editor.eval()
+    me.net.eval()
     reqs = fact_requests(3)
     probe = me.batch([(r.rephrases[0], r.target) for r in reqs])
     with torch.no_grad():
         before = scored_logits(model, probe)
-        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=None)
+        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), batch_size=None)
         with me.applied(factors):
             functional = scored_logits(model, probe)
     result = me.edit(reqs)
@@ -136,17 +136,17 @@ def test_per_row_groups_equal_separate_single_edits(tokenizer):
 
     model = tiny_model("llama", len(tokenizer))
     me = _editor_for(model, tokenizer, init_alpha=0.3)
-    me.editor.eval()
+    me.net.eval()
     reqs = fact_requests(3)
     probe_pairs = [(r.rephrases[0], r.target) for r in reqs]
     with torch.no_grad():
-        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=1)
+        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), batch_size=1)
         together = me.batch(probe_pairs)
         with me.applied(factors, together.group):
             side_by_side = scored_logits(model, together)
         singles = []
         for i, r in enumerate(reqs):
-            f_i = me.factors(me.batch([(r.prompt, r.target)]), rows_per_edit=None)
+            f_i = me.factors(me.batch([(r.prompt, r.target)]), batch_size=None)
             with me.applied(f_i):
                 singles.append(scored_logits(model, me.batch([probe_pairs[i]])))
     torch.testing.assert_close(side_by_side, torch.cat(singles), rtol=1e-4, atol=1e-5)
@@ -162,11 +162,11 @@ def test_non_finite_edit_is_refused_and_leaves_weights_alone(tokenizer, broken):
     me = _editor_for(model, tokenizer)
     with torch.no_grad():
         if broken == "nan-net":
-            next(iter(me.editor.nets.values())).blocks[0].up.weight.fill_(float("nan"))
+            next(iter(me.net.nets.values())).blocks[0].up.weight.fill_(float("nan"))
         else:  # alpha itself is finite (1.6e38); alpha * u^T delta is not
-            me.editor.log_alpha.fill_(88.0)
-            assert torch.isfinite(me.editor.log_alpha.exp()).all()
-            factors = me.factors(me.batch([(fact_requests(1)[0].prompt, "x")]), rows_per_edit=None)
+            me.net.log_alpha.fill_(88.0)
+            assert torch.isfinite(me.net.log_alpha.exp()).all()
+            factors = me.factors(me.batch([(fact_requests(1)[0].prompt, "x")]), batch_size=None)
             assert not all(torch.isfinite(d).all() for d in me.weight_deltas(factors).values())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(MendError, match="not finite"):
@@ -186,20 +186,20 @@ def test_key_preconditioner_is_the_ridge_inverse_and_interferes_less(tokenizer):
     model = tiny_model("llama", len(tokenizer), seed=1).requires_grad_(False)
     plain = _editor_for(model, tokenizer, precondition=None)
     pre = _editor_for(model, tokenizer, precondition=0.1)
-    pre.editor.load_state_dict(plain.editor.state_dict(), strict=False)
+    pre.net.load_state_dict(plain.net.state_dict(), strict=False)
     texts = [(r.prompt, r.target) for r in fact_requests(60, seed=2)]
     batches = [pre.batch(texts[i : i + 20]) for i in (0, 20, 40)]
     moments = key_moments(model, pre.params, batches)
-    pre.editor.set_key_moments(moments)
+    pre.net.set_key_moments(moments)
 
     for p in pre.params:
         c = moments[p.name] / moments[p.name].diagonal().mean()
         want = torch.linalg.inv(c + 0.1 * torch.eye(len(c), dtype=c.dtype)).float()
-        torch.testing.assert_close(pre.editor.preconditioner(p.name), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pre.net.preconditioner(p.name), want, rtol=1e-5, atol=1e-6)
     name = pre.params[0].name
     u, d = torch.randn(5, pre.params[0].in_out[0]), torch.randn(5, pre.params[0].in_out[1])
-    (u_plain, d_plain), (u_pre, d_pre) = (m.editor({name: (u, d)})[name] for m in (plain, pre))
-    torch.testing.assert_close(u_pre, u_plain @ pre.editor.preconditioner(name))
+    (u_plain, d_plain), (u_pre, d_pre) = (m.net({name: (u, d)})[name] for m in (plain, pre))
+    torch.testing.assert_close(u_pre, u_plain @ pre.net.preconditioner(name))
     torch.testing.assert_close(d_pre, d_plain)
 
     for p in pre.params:
@@ -212,7 +212,7 @@ def test_key_preconditioner_is_the_ridge_inverse_and_interferes_less(tokenizer):
         x = x.double()
         keys = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:20]]
         for k in keys:
-            v_plain, v_pre = k, pre.editor.preconditioner(p.name).double() @ k
+            v_plain, v_pre = k, pre.net.preconditioner(p.name).double() @ k
             inter = [((x @ v) ** 2).mean() / (k @ v) ** 2 for v in (v_plain, v_pre)]
             assert inter[1] < inter[0], (p.name, inter)
 
@@ -228,7 +228,7 @@ def test_the_edit_check_on_the_upper_blocks_matches_a_full_forward(family_model,
         for name, (u, delta) in plain.items():
             torch.testing.assert_close(captured[name][0], u)
             torch.testing.assert_close(captured[name][1], delta, rtol=1e-5, atol=1e-8)
-        factors = me.factors(batch, rows_per_edit=None, captured=captured)
+        factors = me.factors(batch, batch_size=None, captured=captured)
         unedited = scored_logits(model, batch)
         with me.applied(factors):
             full = scored_logits(model, batch)
@@ -263,7 +263,7 @@ def _delta_of(me: MendEditor, reqs) -> dict[str, torch.Tensor]:
 def _reaches_at(me: MendEditor, batch, scales) -> list[bool]:
     """Whether me's plain change, scaled by each of `scales`, makes the target the argmax."""
     with torch.no_grad():  # (in training mode: sets the normalisers' running statistics)
-        factors = me.factors(batch, rows_per_edit=None)
+        factors = me.factors(batch, batch_size=None)
         return [
             bool(me.reaches_target({n: (u * s, d) for n, (u, d) in factors.items()}, batch))
             for s in scales
@@ -277,7 +277,7 @@ def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_targe
     batch = plain.batch([(req[0].prompt, req[0].target)])
     # MEND's own change misses; 4x reaches the target
     assert _reaches_at(plain, batch, (1, 2, 4)) == [False, False, True]
-    boosted = MendEditor(model, tokenizer, plain.editor, boost=(2, 4, 8))
+    boosted = MendEditor(model, tokenizer, plain.net, boost=(2, 4, 8))
     base, more = _delta_of(plain, req), _delta_of(boosted, req)
     scales = []
     for me in (boosted, plain):
@@ -299,20 +299,20 @@ def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_targe
         atol = 1e-4 * base[name].abs().max().item()
         torch.testing.assert_close(more[name], 4 * base[name], rtol=1e-4, atol=atol)
     # One that no scale brings to its target gets MEND's own change back, exactly.
-    short = MendEditor(model, tokenizer, plain.editor, boost=(1.5, 2))
+    short = MendEditor(model, tokenizer, plain.net, boost=(1.5, 2))
     result = short.edit(req)
     result.revert()
     assert result.scales == [1.0]
     assert all(torch.equal(d, base[n]) for n, d in _delta_of(short, req).items())
     # A request that its plain change already reaches is left exactly as MEND made it.
     plain = _editor_for(model, tokenizer, init_alpha=1e-2)
-    boosted = MendEditor(model, tokenizer, plain.editor, boost=(2, 4, 8))
+    boosted = MendEditor(model, tokenizer, plain.net, boost=(2, 4, 8))
     with torch.no_grad():
-        assert bool(plain.reaches_target(plain.factors(batch, rows_per_edit=None), batch))
+        assert bool(plain.reaches_target(plain.factors(batch, batch_size=None), batch))
     base, more = _delta_of(plain, req), _delta_of(boosted, req)
     assert all(torch.equal(more[n], base[n]) for n in base)
     with pytest.raises(MendError, match="boost"):
-        MendEditor(model, tokenizer, plain.editor, boost=(2, 0))
+        MendEditor(model, tokenizer, plain.net, boost=(2, 0))
 
 
 def test_check_start_scales_the_first_try_and_the_fallback(tokenizer):
@@ -324,7 +324,7 @@ def test_check_start_scales_the_first_try_and_the_fallback(tokenizer):
     base = _delta_of(plain, req)
 
     def edited(start, boost):
-        me = MendEditor(model, tokenizer, plain.editor, boost=boost, start=start)
+        me = MendEditor(model, tokenizer, plain.net, boost=boost, start=start)
         result = me.edit(req)
         result.revert()
         return result.scales, _delta_of(me, req)
@@ -338,14 +338,14 @@ def test_check_start_scales_the_first_try_and_the_fallback(tokenizer):
     # A change that reaches its target at the start is applied at the start, not at 1.
     strong = _editor_for(model, tokenizer, init_alpha=1e-2)
     assert _reaches_at(strong, batch, (0.8,)) == [True]
-    result = MendEditor(model, tokenizer, strong.editor, boost=(1, 2), start=0.8).edit(req)
+    result = MendEditor(model, tokenizer, strong.net, boost=(1, 2), start=0.8).edit(req)
     result.revert()
     assert result.scales == [0.8]
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(MendError, match="start scale"):
-            MendEditor(model, tokenizer, plain.editor, start=bad)
+            MendEditor(model, tokenizer, plain.net, start=bad)
     with pytest.raises(MendError, match="needs a check"):
-        MendEditor(model, tokenizer, plain.editor, boost=(), start=0.9)
+        MendEditor(model, tokenizer, plain.net, boost=(), start=0.9)
 
 
 def test_batched_edits_are_unchecked_unless_asked(tokenizer):
@@ -353,12 +353,12 @@ def test_batched_edits_are_unchecked_unless_asked(tokenizer):
     reqs = fact_requests(3)[:2]
     plain = _editor_for(model, tokenizer, init_alpha=1e-3)  # its changes miss their targets
     base = _delta_of(plain, reqs)
-    default = _delta_of(MendEditor(model, tokenizer, plain.editor, boost=(2, 4)), reqs)
+    default = _delta_of(MendEditor(model, tokenizer, plain.net, boost=(2, 4)), reqs)
     assert all(torch.equal(default[n], base[n]) for n in base)
     with torch.no_grad():  # (a training-mode pass sets the normalisers' running statistics)
-        plain.factors(plain.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=None)
+        plain.factors(plain.batch([(r.prompt, r.target) for r in reqs]), batch_size=None)
     base = _delta_of(plain, reqs)
-    checked = MendEditor(model, tokenizer, plain.editor, boost=(2, 4), check_batches=True)
+    checked = MendEditor(model, tokenizer, plain.net, boost=(2, 4), check_batches=True)
     result = checked.edit(reqs)
     result.revert()
     # The second request reaches its target at 4x; the first at no scale, so it keeps 1x.
@@ -474,9 +474,9 @@ def test_fit_shared_finds_the_mean_edit_and_batches_count_it_once(tokenizer, tmp
         assert (a.T @ now[name] @ b).norm() == pytest.approx(float(shared_before) / 3, rel=1e-3)
 
     # the bases travel with the checkpoint
-    save_editor(tmp_path, me.editor, model_identity(model, me.editor.names))
+    save_editor(tmp_path, me.net, model_identity(model, me.net.names))
     again = MendEditor(model, tokenizer, load_editor(tmp_path, model), boost=())
-    assert again.editor.cfg.shared_rank == 2
+    assert again.net.cfg.shared_rank == 2
     reloaded = _delta_of(again, reqs[3:6])
     assert all(torch.equal(reloaded[n], now[n]) for n in now)
 
@@ -493,7 +493,7 @@ def test_anchored_edits_take_their_gradient_from_the_anchor_and_add_no_second_sh
     originals = {p.name: p.weight.detach().clone() for p in me.params}
     alone = _delta_of(me, reqs[1:2])  # edit B on the unedited model
 
-    paper = MendEditor(model, tokenizer, me.editor, boost=(), anchored=False)
+    paper = MendEditor(model, tokenizer, me.net, boost=(), anchored=False)
     for editor, anchored in ((me, True), (paper, False)):
         first = editor.edit(reqs[0])  # edit A stays applied
         assert editor.moved()
@@ -573,8 +573,8 @@ def test_anchored_edits_on_an_edited_model_are_unchecked_by_default(tokenizer):
     reqs = fact_requests(2)
     checked = _editor_for(model, tokenizer, boost=(1.5, 2.0), init_alpha=3e-3)
     with torch.no_grad():  # (a training-mode pass sets the normalisers' running statistics)
-        checked.factors(checked.batch([(reqs[0].prompt, reqs[0].target)]), rows_per_edit=None)
-    plain = MendEditor(model, tokenizer, checked.editor, boost=())
+        checked.factors(checked.batch([(reqs[0].prompt, reqs[0].target)]), batch_size=None)
+    plain = MendEditor(model, tokenizer, checked.net, boost=())
     first = checked.edit(reqs[0])
     first.revert()
     assert first.scales[0] > 1  # the check scales the first edit up (it reaches its target)
@@ -629,9 +629,9 @@ def test_edits_run_the_editor_in_bf16_only_where_asked_and_stay_close(tokenizer)
     # fp32 throughout is the editor's own output, bit for bit; training never takes bf16.
     batch = exact.batch([(r.prompt, r.target) for r in reqs])
     with torch.no_grad():
-        plain = exact.factors(batch, rows_per_edit=None)
+        plain = exact.factors(batch, batch_size=None)
     with torch.enable_grad():
-        graded = fast.factors(batch, rows_per_edit=None)
+        graded = fast.factors(batch, batch_size=None)
     for name, (u, d) in plain.items():
         assert torch.equal(u, graded[name][0]) and torch.equal(d, graded[name][1])
         assert graded[name][0].requires_grad
@@ -641,7 +641,7 @@ def test_an_edit_of_a_bf16_model_adds_the_change_within_bf16_rounding(tokenizer)
     model = tiny_model("llama", len(tokenizer)).to(torch.bfloat16)
     me = _editor_for(model, tokenizer, init_alpha=1e-2)
     with torch.no_grad():
-        for net in me.editor.nets.values():
+        for net in me.net.nets.values():
             for block in net.blocks:
                 block.up.weight.normal_(0, 0.1)
     before = {p.name: p.weight.detach().clone() for p in me.params}

@@ -1,4 +1,4 @@
-"""Editor networks: running normalisation, identity initialisation, sharing by shape."""
+"""EditorNet networks: running normalisation, identity initialisation, sharing by shape."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mend.config import EditorConfig
-from mend.editor import Editor, LowRankBlock, RunningNorm
+from mend.editor import EditorNet, LowRankBlock, RunningNorm
 
 
 def test_running_norm_matches_batch_statistics_and_freezes_in_eval():
@@ -42,18 +42,18 @@ def test_low_rank_block_starts_as_identity_and_has_live_gradients():
 
 def test_one_network_per_shape_and_film_index_per_matrix():
     shapes = {"a": (4, 6), "b": (4, 6), "c": (6, 4), "d": (4, 6)}
-    ed = Editor(shapes, EditorConfig(rank=3))
+    ed = EditorNet(shapes, EditorConfig(rank=3))
     assert set(ed.nets) == {"4x6", "6x4"}
     assert [ed.layer_index[n] for n in "abcd"] == [0, 1, 0, 2]
     assert ed.nets["4x6"].blocks[0].scale.shape == (3, 10)
-    unshared = Editor(shapes, EditorConfig(rank=3, share=False))
+    unshared = EditorNet(shapes, EditorConfig(rank=3, share=False))
     assert len(unshared.nets) == 4
     torch.testing.assert_close(ed.alpha("c"), torch.tensor(1e-4))
 
 
 def test_editor_output_routes_tokens_back_to_their_matrix():
     torch.manual_seed(0)
-    ed = Editor({"a": (4, 6), "b": (4, 6)}, EditorConfig(rank=3)).eval()
+    ed = EditorNet({"a": (4, 6), "b": (4, 6)}, EditorConfig(rank=3)).eval()
     with torch.no_grad():
         ed.nets["4x6"].blocks[0].up.weight.normal_()
         ed.nets["4x6"].blocks[0].scale[1].mul_(3)
@@ -71,7 +71,7 @@ def test_configs_saved_before_preconditioning_load_as_plain_mend():
     assert EditorConfig().precondition == 0.1
     assert EditorConfig.from_dict({"rank": 8}).precondition is None
     assert EditorConfig.from_dict(EditorConfig().to_dict()) == EditorConfig()
-    plain = Editor({"w": (3, 4)}, EditorConfig(precondition=None))
+    plain = EditorNet({"w": (3, 4)}, EditorConfig(precondition=None))
     assert plain.preconditioner("w") is None
     assert not any(k.startswith("precond") for k in plain.state_dict())
 
@@ -82,7 +82,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_bf16_branch_is_close_to_fp32_and_follows_weight_changes():
     torch.manual_seed(0)
-    ed = Editor({"a": (48, 64), "b": (64, 48)}, EditorConfig(rank=32, share=False)).eval()
+    ed = EditorNet({"a": (48, 64), "b": (64, 48)}, EditorConfig(rank=32, share=False)).eval()
     blocks = [b for net in ed.nets.values() for b in net.blocks]
     with torch.no_grad():
         for b in blocks:

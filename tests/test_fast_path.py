@@ -7,19 +7,20 @@ import random
 import torch
 from conftest import fact_requests
 
-from mend.config import EditorConfig, TrainConfig
+from mend.config import EditorConfig, Sampling, Speed, TrainConfig
 from mend.edit import MendEditor
-from mend.editor import Editor
+from mend.editor import EditorNet
 from mend.models import find_editable
 from mend.models.forward import scored_logits
 from mend.models.upper import RowCache, UpperStack
-from mend.train import build_rows, edit_step
+from mend.training.sampling import build_rows
+from mend.training.step import edit_step
 
 
 def _perturbed_editor(model, tokenizer, cfg: EditorConfig, **kw) -> MendEditor:
     """An editor moved off its identity start (seeded), so every parameter gets a gradient."""
     torch.manual_seed(0)
-    editor = Editor({p.name: p.in_out for p in find_editable(model)}, cfg)
+    editor = EditorNet({p.name: p.in_out for p in find_editable(model)}, cfg)
     with torch.no_grad():
         for prm in editor.parameters():
             prm.add_(0.02 * torch.randn_like(prm))
@@ -146,16 +147,16 @@ def test_fast_and_reference_steps_give_the_same_losses_and_editor_gradients(
 ):
     model = family_model.requires_grad_(False)
     params = find_editable(model)
-    cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05), loc_per_edit=2, c_gap=0.5)
+    cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05), sampling=Sampling(loc_per_edit=2))
     me = _perturbed_editor(model, tokenizer, cfg.editor)
-    editor = me.editor
+    editor = me.net
     pool = fact_requests(30)
     reqs = pool[:3]
     stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
 
     results = []
     for path in (None, stack):
-        rows = build_rows(reqs, pool, cfg, random.Random(7))
+        rows = build_rows(reqs, pool, cfg.sampling, random.Random(7))
         editor.eval()  # frozen normalisation, so both paths see the same statistics
         editor.zero_grad()
         loss, stats = edit_step(me, reqs, rows, cfg, path)
@@ -163,7 +164,7 @@ def test_fast_and_reference_steps_give_the_same_losses_and_editor_gradients(
         grads = {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
         results.append((stats, grads))
     (ref_stats, ref_grads), (fast_stats, fast_grads) = results
-    assert ref_stats.keys() == fast_stats.keys() and "l_gap" in ref_stats
+    assert ref_stats.keys() == fast_stats.keys() and "l_loc" in ref_stats
     for k in ref_stats:
         assert abs(ref_stats[k] - fast_stats[k]) <= 1e-5 * max(1.0, abs(ref_stats[k])), k
     assert ref_grads.keys() == fast_grads.keys() and len(ref_grads) > 4
@@ -180,32 +181,33 @@ def test_lower_precision_setting():
     from mend.models.upper import bf16_is_fast
 
     with pytest.raises(MendError, match="lower_precision"):
-        TrainConfig(lower_precision="fp16")
-    assert TrainConfig(lower_precision="auto").lower_precision == "auto"
+        Speed(lower_precision="fp16")
+    assert TrainConfig().speed.lower_precision == "auto"  # bf16 only where it is fast
     assert bf16_is_fast(torch.device("meta")) is False
     assert isinstance(bf16_is_fast(torch.device("cpu")), bool)
 
 
-def test_joint_training_rows_see_exactly_the_batched_edit(tokenizer):
-    """Training with joint_edits=2 scores each pair's rows under the pair's summed edit: the
+def test_batched_training_rows_see_exactly_the_batched_edit(tokenizer):
+    """Training with batch_size=2 scores each pair's rows under the pair's summed edit: the
     same logits as `MendEditor.edit` of the pair in place, on both paths."""
     from conftest import tiny_model
 
-    from mend.train import _forward_fast, _forward_reference
+    from mend.training.step import forward_fast, forward_reference
 
     model = tiny_model("llama", len(tokenizer)).requires_grad_(False)
     params = find_editable(model)
-    cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05), loc_per_edit=2, joint_edits=2)
+    cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05),
+                      sampling=Sampling(loc_per_edit=2, batch_size=2))  # fmt: skip
     me = _perturbed_editor(model, tokenizer, cfg.editor, boost=())
-    me.editor.eval()
+    me.net.eval()
     pool = fact_requests(30)
     reqs = pool[:4]
-    rows = build_rows(reqs, pool, cfg, random.Random(3), joint=2)
+    rows = build_rows(reqs, pool, cfg.sampling, random.Random(3), batch_size=2)
     assert rows.gen_group == [0, 0, 0, 0, 1, 1, 1, 1]  # prompt + rephrase of edits 0-1, 2-3
     stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
     with torch.no_grad():
-        fast = _forward_fast(me, stack, reqs, rows, joint=2)[1]
-        ref = _forward_reference(me, reqs, rows, joint=2)[1]
+        fast = forward_fast(me, stack, reqs, rows, batch_size=2)[1]
+        ref = forward_reference(me, reqs, rows, batch_size=2)[1]
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
     gen = me.batch(rows.gen, rows.gen_group)
     first_pair = gen.group[gen.pos_row] == 0
@@ -220,48 +222,17 @@ def test_joint_training_rows_see_exactly_the_batched_edit(tokenizer):
     assert (in_place[first_pair] - unedited[first_pair]).abs().max() > 1e-2  # the edit took
 
 
-def test_edit_size_is_the_dense_change_norm_and_enters_the_loss(tokenizer):
-    """`edit_size` (from Gram matrices of the factors) equals the norm of each materialised
-    Delta W relative to its weight, and --c-size adds exactly c_size times it to the loss."""
-    from conftest import tiny_model
-
-    from mend.train import edit_size
-
-    model = tiny_model("gpt2", len(tokenizer)).requires_grad_(False)  # Conv1D: stored (in, out)
-    params = find_editable(model)
-    me = _perturbed_editor(model, tokenizer, EditorConfig(rank=8, init_alpha=0.05), boost=())
-    me.editor.eval()
-    reqs = fact_requests(6)
-    with torch.no_grad():
-        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), rows_per_edit=2)
-    dense = [
-        sum(
-            float((delta.square().sum() / p.weight.square().sum()).detach())
-            for p, delta in zip(params, me.weight_deltas(factors, g).values(), strict=True)
-        )
-        for g in range(3)
-    ]
-    assert min(dense) > 0
-    assert abs(float(edit_size(me, factors).detach()) - sum(dense) / 3) < 1e-5 * sum(dense)
-
-    rows = build_rows(reqs[:4], reqs, TrainConfig(loc_per_edit=1), random.Random(0))
-    stats = [
-        edit_step(me, reqs[:4], rows, TrainConfig(loc_per_edit=1, c_size=c))[1] for c in (0, 3)
-    ]
-    assert stats[0]["rel_change"] > 0
-    assert abs(stats[1]["loss"] - stats[0]["loss"] - 3 * stats[0]["rel_change"]) < 1e-5
-
-
 def test_warmed_cache_serves_every_row_training_draws(tokenizer):
     from conftest import tiny_model
 
-    from mend.train import similar_index, warm_rows
+    from mend.training.prepare import warm_rows
+    from mend.training.sampling import similar_index
 
     model = tiny_model("llama", len(tokenizer))
     data, val = fact_requests(30, seed=1), fact_requests(8, seed=2)
-    cfg = TrainConfig(editor=EditorConfig(rank=8), batch_size=4, loc_per_edit=4)
+    cfg = TrainConfig(editor=EditorConfig(rank=8), sampling=Sampling(loc_per_edit=4))
     me = _perturbed_editor(model, tokenizer, cfg.editor)
-    me.editor.eval()  # frozen normalisation: both paths see the same statistics
+    me.net.eval()  # frozen normalisation: both paths see the same statistics
     start = UpperStack.first_edited_block(model, [p.name for p in me.params])
     cache = RowCache(1 << 30)
     stack = UpperStack(model, start, cache)
@@ -271,14 +242,14 @@ def test_warmed_cache_serves_every_row_training_draws(tokenizer):
     similar = similar_index(data)
     for step in range(12):  # training steps (random paraphrase, own and drawn probes) ...
         rng = random.Random(step)
-        reqs = rng.sample(data, cfg.batch_size)
-        rows = build_rows(reqs, data, cfg, rng, similar)
+        reqs = rng.sample(data, cfg.sampling.edits_per_step)
+        rows = build_rows(reqs, data, cfg.sampling, rng, similar)
         got, _ = edit_step(me, reqs, rows, cfg, stack)
         want, _ = edit_step(me, reqs, rows, cfg, None)  # the reference path, no cache
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for i in range(0, len(val), 4):  # ... and validation steps
-        edit_step(me, val[i : i + 4], build_rows(val[i : i + 4], val, cfg, None), cfg, stack)
-    assert cache.misses == warmed and cache.hits > 12 * 3 * cfg.batch_size  # never a new row
+        edit_step(me, val[i : i + 4], build_rows(val[i : i + 4], val, cfg.sampling, None), cfg, stack)
+    assert cache.misses == warmed and cache.hits > 12 * 3 * cfg.sampling.edits_per_step  # never a new row
     # A full cache stops the warm-up after the batch that filled it.
     small = RowCache(cache.bytes // 4)
     warm_rows(me, UpperStack(model, start, small), data + val, batch_rows=8, progress=False)

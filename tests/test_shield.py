@@ -28,7 +28,7 @@ def _deltas(me: MendEditor, req) -> dict[str, torch.Tensor]:
 
 def test_a_full_shield_leaves_the_nearest_facts_inputs_unchanged(tokenizer):
     plain, facts, bank = _setup(tokenizer)
-    shielded = MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+    shielded = MendEditor(plain.model, tokenizer, plain.net, boost=(),
                           shield=Shield(bank, m=4, beta=1.0, lam=1e-6))  # fmt: skip
     for req in facts[:2]:  # the bank's 4 facts are every edit's 4 nearest
         before, after = _deltas(plain, req), _deltas(shielded, req)
@@ -47,7 +47,7 @@ def test_half_a_shield_removes_half_the_action_and_the_check_sees_it(tokenizer):
             seen.append({n: self.weight_deltas(factors)[n] for n in factors})
             return super().reaches_target(factors, batch, prepared)
 
-    me = Recording(plain.model, tokenizer, plain.editor, boost=(1.5,),
+    me = Recording(plain.model, tokenizer, plain.net, boost=(1.5,),
                    shield=Shield(bank, m=4, beta=0.5, lam=1e-6))  # fmt: skip
     result = me.edit([facts[0]])
     landed = {n: d.clone() for n, d in result.deltas.items()}
@@ -68,15 +68,15 @@ def test_the_edited_fact_itself_is_never_shielded(tokenizer):
                         + [(r.prompt, r.target_true) for r in facts[4:]], plain.max_len)  # fmt: skip
     far = KeyBank.build(plain.model, tokenizer, plain.params,
                         [(r.prompt, r.target_true) for r in facts[4:]], plain.max_len)  # fmt: skip
-    a = _deltas(MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+    a = _deltas(MendEditor(plain.model, tokenizer, plain.net, boost=(),
                            shield=Shield(own, m=4, beta=1.0)), facts[0])  # fmt: skip
-    b = _deltas(MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+    b = _deltas(MendEditor(plain.model, tokenizer, plain.net, boost=(),
                            shield=Shield(far, m=4, beta=1.0)), facts[0])  # fmt: skip
     for name in a:
         torch.testing.assert_close(a[name], b[name])
     alone = KeyBank.build(plain.model, tokenizer, plain.params,
                           [(facts[0].prompt, facts[0].target_true)], plain.max_len)  # fmt: skip
-    c = _deltas(MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+    c = _deltas(MendEditor(plain.model, tokenizer, plain.net, boost=(),
                            shield=Shield(alone, m=4, beta=1.0)), facts[0])  # fmt: skip
     d = _deltas(plain, facts[0])
     for name in c:  # a bank of the edited fact alone shields nothing
@@ -89,7 +89,7 @@ def test_a_saved_bank_shields_exactly_as_the_built_one(tokenizer, tmp_path):
     loaded = KeyBank.load(tmp_path / "bank.safetensors", plain.params)
     torch.testing.assert_close(loaded.owner, bank.owner)
     bf16 = KeyBank({n: k.to(torch.bfloat16) for n, k in bank.keys.items()}, bank.owner, bank.ref)
-    a, c = (_deltas(MendEditor(plain.model, tokenizer, plain.editor, boost=(), shield=Shield(b)),
+    a, c = (_deltas(MendEditor(plain.model, tokenizer, plain.net, boost=(), shield=Shield(b)),
                     facts[0]) for b in (bf16, loaded))  # the file keeps the keys in bf16  # fmt: skip
     for name in a:
         assert torch.equal(a[name], c[name])
@@ -116,7 +116,7 @@ def test_bad_banks_and_settings_are_errors(tokenizer, tmp_path):
 
 def test_batched_edits_are_not_shielded(tokenizer):
     plain, facts, bank = _setup(tokenizer)
-    shielded = MendEditor(plain.model, tokenizer, plain.editor, boost=(),
+    shielded = MendEditor(plain.model, tokenizer, plain.net, boost=(),
                           shield=Shield(bank, m=4, beta=1.0))  # fmt: skip
     unshielded = plain.edit(facts[:3])
     a = {n: d.clone() for n, d in unshielded.deltas.items()}

@@ -9,18 +9,20 @@ import torch
 from conftest import fact_requests, tiny_model
 
 from mend.checkpoint import load_editor, load_train_state
-from mend.config import EditorConfig, TrainConfig
+from mend.config import EditorConfig, Sampling, TrainConfig
 from mend.edit import MendEditor
-from mend.editor import Editor
+from mend.editor import EditorNet
 from mend.evaluate import evaluate
 from mend.models import find_editable
-from mend.train import LOG_FILE, WeightAverage, train
+from mend.training.logs import LOG_FILE
+from mend.training.loop import train
+from mend.training.optim import WeightAverage
 
 
 def _cfg(**kw) -> TrainConfig:
     base = dict(editor=EditorConfig(rank=16), lr=1e-3, alpha_lr=5e-2, batch_size=4, grad_accum=1,
                 max_steps=8, val_every=4, val_edits=8, loc_per_edit=2, warmup_steps=2)  # fmt: skip
-    return TrainConfig(**(base | kw))
+    return TrainConfig.from_dict(base | kw)  # flat names, as earlier training states wrote them
 
 
 def _losses(folder) -> list[float]:
@@ -104,7 +106,7 @@ def test_training_beats_the_untrained_editor_on_held_out_edits(tmp_path, tokeniz
     train(model, tokenizer, data, val, cfg, tmp_path, progress=False)
     trained = MendEditor(model, tokenizer, load_editor(tmp_path, model))
     names = find_editable(model)
-    untrained = MendEditor(model, tokenizer, Editor({p.name: p.in_out for p in names}, cfg.editor))
+    untrained = MendEditor(model, tokenizer, EditorNet({p.name: p.in_out for p in names}, cfg.editor))
     after = evaluate(model, tokenizer, trained, test, progress=False)
     before = evaluate(model, tokenizer, untrained, test, progress=False)
     assert before["rewrite_acc"] <= 0.1
@@ -115,7 +117,7 @@ def test_training_beats_the_untrained_editor_on_held_out_edits(tmp_path, tokeniz
 def test_best_checkpoint_and_early_stopping(tmp_path, tokenizer):
     data, val = fact_requests(40, seed=1), fact_requests(8, seed=2)
     # A huge learning rate makes validation loss worse after the first check.
-    cfg = _cfg(max_steps=40, val_every=2, patience=2, lr=1.0, alpha_lr=1.0, select="loss")
+    cfg = _cfg(max_steps=40, val_every=2, patience=2, lr=1.0, alpha_lr=1.0)
     summary = train(
         tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path, progress=False
     )
@@ -131,7 +133,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path, tokenizer):
 
 def test_best_checkpoint_by_accuracy(tmp_path, tokenizer):
     data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
-    cfg = _cfg(max_steps=30, val_every=3, patience=100, lr=3e-3, select="accuracy")
+    cfg = _cfg(max_steps=30, val_every=3, patience=100, lr=3e-3)
     summary = train(
         tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path, progress=False
     )
@@ -149,15 +151,15 @@ def test_best_checkpoint_by_accuracy(tmp_path, tokenizer):
 def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
     import importlib
 
-    train_mod = importlib.import_module("mend.train")  # `mend.train` is also the function
+    train_mod = importlib.import_module("mend.training.loop")
 
     real = train_mod.edit_step
     calls = {"n": 0}
 
-    def poisoned(me, reqs, rows, cfg, stack=None, joint=1):
-        loss, stats = real(me, reqs, rows, cfg, stack, joint)
+    def poisoned(editor, reqs, rows, cfg, stack=None, batch_size=1):
+        loss, stats = real(editor, reqs, rows, cfg, stack, batch_size)
         calls["n"] += 1
-        if calls["n"] == 2 and me.editor.training:
+        if calls["n"] == 2 and editor.net.training:
             loss = loss * float("nan")
         return loss, stats
 
@@ -174,7 +176,7 @@ def test_time_budget_counts_the_passes_before_the_first_step(tmp_path, tokenizer
     import importlib
     import time
 
-    train_mod = importlib.import_module("mend.train")
+    train_mod = importlib.import_module("mend.training.loop")
     real = train_mod.nearest_records
 
     def slow(*args, **kwargs):  # stands in for the minute CounterFact's prompt keys take
@@ -218,11 +220,11 @@ def test_config_rejects_bad_values(bad):
 
 
 def test_key_statistics_mix_training_texts_and_general_text(tmp_path, tokenizer, caplog):
-    from mend.train import key_batches, key_pairs
+    from mend.training.prepare import key_batches, key_pairs
 
     model = tiny_model("llama", len(tokenizer))
     data = fact_requests(20, seed=1)
-    editor = Editor({p.name: p.in_out for p in find_editable(model)}, EditorConfig(rank=8))
+    editor = EditorNet({p.name: p.in_out for p in find_editable(model)}, EditorConfig(rank=8))
     me = MendEditor(model, tokenizer, editor)
     text = tmp_path / "general.txt"
     text.write_text("The river flows north through the old town and into the sea. " * 400)
@@ -230,69 +232,56 @@ def test_key_statistics_mix_training_texts_and_general_text(tmp_path, tokenizer,
     def tokens(batches):
         return sum(int(b.attention_mask.sum()) for b in batches)
 
-    only = key_batches(me, data, _cfg(key_text=None))
+    only = key_batches(me, data, None)
     assert tokens(only) == sum(len(tokenizer(p + " " + t)["input_ids"]) for p, t in key_pairs(data))
-    mixed = key_batches(me, data, _cfg(key_text=str(text)))
+    mixed = key_batches(me, data, str(text))
     windows = mixed[len(only) :]
     width = min(128, me.max_len)  # 128-token windows, or the tiny model's whole context
     assert windows and all(b.input_ids.shape[1] == width for b in windows)
     # About as many general-text tokens as training-text tokens (whole windows).
     assert tokens(only) <= tokens(windows) < tokens(only) + width
     # General text that cannot be read: a warning, and the training texts alone.
-    missing = key_batches(me, data, _cfg(key_text=str(tmp_path / "absent.txt")))
+    missing = key_batches(me, data, str(tmp_path / "absent.txt"))
     assert tokens(missing) == tokens(only)
     assert "training texts only" in caplog.text
-
-
-def test_gap_hinge_counts_only_lost_lead_up_to_tau():
-    from mend.losses import gap_hinge, kl_base_edited
-
-    base = torch.tensor([[2.0, 1.9, 0.0], [5.0, 0.0, 0.0], [0.0, 3.0, 1.0]])
-    # near-tie swapped (gap 0.1 -> -0.1); a big lead cut to 0.5 (need min(5, 1) = 1);
-    # a lead that grew (no loss)
-    edited = torch.tensor([[1.9, 2.0, 0.0], [3.0, 2.5, 0.0], [0.0, 4.0, 1.0]])
-    assert gap_hinge(base, edited, tau=1.0).item() == pytest.approx((0.2 + 0.5 + 0.0) / 3)
-    assert gap_hinge(base, base).item() == 0.0
-    # the flip of the near-tie costs KL almost nothing next to the hinge
-    assert kl_base_edited(base[:1], edited[:1]).item() < 0.01
-    edited.requires_grad_(True)
-    gap_hinge(base, edited).backward()
-    # pushes the unedited top up and the runner-up down, nothing where the lead grew
-    assert edited.grad[0, 0] < 0 < edited.grad[0, 1] and edited.grad[2].abs().sum() == 0
 
 
 def test_late_hard_locality_draws_from_its_own_index(tmp_path, tokenizer, monkeypatch):
     import importlib
 
-    mt = importlib.import_module("mend.train")  # the module (mend.train is also the function)
+    mt = importlib.import_module("mend.training.loop")
     cfg = _cfg(max_steps=8, c_loc_late=2.0, late_fraction=0.5, hard_locality="relation",
                hard_locality_late="answer")  # fmt: skip
-    assert [mt.step_config(s, cfg).hard_locality for s in range(8)] == (
+    assert [mt.step_config(s, cfg).sampling.hard_locality for s in range(8)] == (
         ["relation"] * 4 + ["answer"] * 4
     )
     seen = []
 
-    def spy(reqs, pool, scfg, rng=None, similar=None, joint=1):
+    def spy(reqs, pool, sampling, rng=None, similar=None, batch_size=1):
         if rng is not None:  # a training step: its mode, and the kinds of group in its index
             kinds = sorted({k.split(":")[0] for k in similar})
-            seen.append((scfg.hard_locality, scfg.c_loc, kinds))
-        return build_rows(reqs, pool, scfg, rng, similar, joint)
+            seen.append((sampling.hard_locality, kinds))
+        return build_rows(reqs, pool, sampling, rng, similar, batch_size)
 
-    build_rows = mt.build_rows
+    def step_spy(editor, reqs, rows, scfg, stack=None, batch_size=1):
+        if editor.net.training:
+            weights.append(scfg.loss.locality)
+        return edit_step(editor, reqs, rows, scfg, stack, batch_size)
+
+    build_rows, edit_step, weights = mt.build_rows, mt.edit_step, []
     monkeypatch.setattr(mt, "build_rows", spy)
+    monkeypatch.setattr(mt, "edit_step", step_spy)
     data, val = fact_requests(40, seed=1), fact_requests(4, seed=2)
     mt.train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path,
              progress=False)  # fmt: skip
-    assert (
-        seen
-        == [("relation", 1.0, ["relation"])] * 4 + [("answer", 2.0, ["answer", "relation"])] * 4
-    )
+    assert seen == [("relation", ["relation"])] * 4 + [("answer", ["answer", "relation"])] * 4
+    assert weights == [1.0] * 4 + [2.0] * 4
 
 
 def test_hard_locality_inputs_share_the_relation_or_the_true_answer():
     import random
 
-    from mend.train import build_rows, relation_key, similar_index
+    from mend.training.sampling import build_rows, relation_key, similar_index
     from mend.types import EditRequest
 
     # 40 records: prompts in 4 endings, true answers in 5 values, crossed so that neither
@@ -307,7 +296,7 @@ def test_hard_locality_inputs_share_the_relation_or_the_true_answer():
         ("relation", lambda a, b: relation_key(a.prompt) == relation_key(b.prompt)),
         ("answer", lambda a, b: a.target_true == b.target_true),
     ):
-        cfg = TrainConfig(loc_per_edit=40, hard_locality=by)  # 20 hard, 20 at random
+        cfg = Sampling(loc_per_edit=40, hard_locality=by)  # 20 hard, 20 at random
         rows = build_rows(pool, pool, cfg, random.Random(0), similar_index(pool, by))
         by_prompt = {r.prompt: r for r in pool}
         alike = drawn_all = 0
@@ -333,7 +322,8 @@ def test_nearest_hard_locality_ranks_by_the_edited_input_same_answer_first(token
 
     from mend.errors import MendError
     from mend.grads import capture, first_scored_inputs
-    from mend.train import build_rows, nearest_records, similar_index
+    from mend.training.prepare import nearest_records
+    from mend.training.sampling import build_rows, similar_index
 
     me = tiny_mend(tokenizer)
     pool = fact_requests(60)
@@ -358,7 +348,7 @@ def test_nearest_hard_locality_ranks_by_the_edited_input_same_answer_first(token
     counts = [sum(q.target_true == r.target_true for q in pool) - 1 for r in pool]
     assert min(counts) < k <= max(counts)
     # Training draws half its extra locality inputs from those lists.
-    cfg = TrainConfig(loc_per_edit=8, hard_locality="nearest", nearest_k=k)
+    cfg = Sampling(loc_per_edit=8, hard_locality="nearest", nearest_k=k)
     kept = [list(n) for n in near]
     index = similar_index(pool, "nearest", near)
     assert near == kept  # (not extended in place)
@@ -371,11 +361,12 @@ def test_nearest_hard_locality_ranks_by_the_edited_input_same_answer_first(token
         similar_index(pool, "nearest")
 
 
-def test_joint_fraction_spreads_batched_steps_evenly():
-    from mend.train import joint_at
+def test_batch_fraction_spreads_batched_steps_evenly():
+    from mend.training.schedule import batch_size_at
 
     for frac, want in ((1.0, [4] * 8), (0.0, [1] * 8), (0.5, [1, 4] * 4), (0.25, [1, 1, 1, 4] * 2)):
-        assert [joint_at(s, _cfg(joint_edits=4, joint_fraction=frac)) for s in range(8)] == want
+        cfg = _cfg(joint_edits=4, joint_fraction=frac)
+        assert [batch_size_at(s, cfg) for s in range(8)] == want
 
 
 def test_init_starts_from_a_trained_editor(tmp_path, tokenizer):
@@ -388,7 +379,7 @@ def test_init_starts_from_a_trained_editor(tmp_path, tokenizer):
                joint_edits=2, joint_fraction=0.5)  # fmt: skip
     train(model, tokenizer, data, val, cfg, tmp_path / "b", progress=False)
     again = load_editor(tmp_path / "b", model)
-    fresh = Editor(trained.shapes, trained.cfg)
+    fresh = EditorNet(trained.shapes, trained.cfg)
     weights = lambda e: {n: p for n, p in e.named_parameters()}  # noqa: E731
     assert again.cfg.rank == trained.cfg.rank
     for name, p in weights(trained).items():
@@ -400,7 +391,7 @@ def test_init_starts_from_a_trained_editor(tmp_path, tokenizer):
 
 
 def test_late_locality_weight_starts_at_its_fraction_of_the_run(tmp_path, tokenizer):
-    from mend.train import step_config
+    from mend.training.schedule import step_config
 
     cfg = _cfg(
         max_steps=8,
@@ -409,15 +400,15 @@ def test_late_locality_weight_starts_at_its_fraction_of_the_run(tmp_path, tokeni
         late_fraction=0.75,
         editor=EditorConfig(rank=16, init_alpha=1.0),
     )  # large edits: a visible l_loc
-    assert [step_config(s, cfg).c_loc for s in range(8)] == [1.0] * 6 + [3.0] * 2
-    assert {step_config(s, _cfg(max_steps=8)).c_loc for s in range(8)} == {1.0}
+    assert [step_config(s, cfg).loss.locality for s in range(8)] == [1.0] * 6 + [3.0] * 2
+    assert {step_config(s, _cfg(max_steps=8)).loss.locality for s in range(8)} == {1.0}
     data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
     train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path, progress=False)
     log = [json.loads(x) for x in (tmp_path / LOG_FILE).read_text().splitlines()]
     steps = [x for x in log if "val" not in x]
     for x in steps:  # the logged loss is c_edit * l_edit + c_loc(step) * l_loc
         c_loc = 3.0 if x["step"] > 6 else 1.0
-        assert x["loss"] == pytest.approx(cfg.c_edit * x["l_edit"] + c_loc * x["l_loc"], rel=1e-5)
+        assert x["loss"] == pytest.approx(cfg.loss.edit * x["l_edit"] + c_loc * x["l_loc"], rel=1e-5)
     assert all(x["l_loc"] > 1e-4 * x["loss"] for x in steps[6:])  # so the weight shows in it
 
 
@@ -433,7 +424,7 @@ def test_late_locality_weight_restarts_the_checkpoint_choice(tmp_path, tokenizer
         a = next(accs)
         return {"loss": 1.0, "rewrite_acc": a, "rephrase_acc": a, "locality_acc": a}
 
-    monkeypatch.setattr(sys.modules["mend.train"], "validate", validate)
+    monkeypatch.setattr(sys.modules["mend.training.loop"], "validate", validate)
     cfg = _cfg(max_steps=8, val_every=2, c_loc_late=3.0, late_fraction=0.75)
     data, val = fact_requests(60, seed=1), fact_requests(8, seed=2)
     train(tiny_model("llama", len(tokenizer)), tokenizer, data, val, cfg, tmp_path / "a",

@@ -8,18 +8,18 @@ from mend.checkpoint import load_editor, save_editor
 from mend.config import EditorConfig, TrainConfig
 from mend.data import load_requests
 from mend.edit import MendEditor
-from mend.editor import Editor
+from mend.editor import EditorNet
 from mend.errors import MendError
 from mend.evaluate import evaluate
 from mend.models import load_model
 from mend.result import EditResult, apply_delta
-from mend.train import train
+from mend.training.loop import train
 from mend.types import EditRequest, Probe
 
 __all__ = [
     "EditRequest",
     "EditResult",
-    "Editor",
+    "EditorNet",
     "EditorConfig",
     "MendEditor",
     "MendError",

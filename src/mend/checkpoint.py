@@ -1,4 +1,4 @@
-"""Editor checkpoints (JSON config + safetensors) and training state, written atomically.
+"""EditorNet checkpoints (JSON config + safetensors) and training state, written atomically.
 
 A checkpoint folder holds:
     editor_config.json   format, EditorConfig, the base model's identity, sha256 of the weights
@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mend.config import EditorConfig
-from mend.editor.net import Editor
+from mend.editor.net import EditorNet
 from mend.errors import MendError
 from mend.files import atomic_write, write_json
 from mend.models.params import find_editable
@@ -48,7 +48,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_editor(folder: str | Path, editor: Editor, identity: dict[str, Any], extra=None) -> None:
+def save_editor(folder: str | Path, editor: EditorNet, identity: dict[str, Any], extra=None) -> None:
     """Write editor_config.json and editor.safetensors into folder (each file atomically)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def save_editor(folder: str | Path, editor: Editor, identity: dict[str, Any], ex
     write_json(folder / CONFIG_FILE, config)
 
 
-def resave_editor(folder: str | Path, editor: Editor) -> None:
+def resave_editor(folder: str | Path, editor: EditorNet) -> None:
     """Rewrite folder's editor (e.g. after `edit.fit_shared`), keeping the config's model
     identity and its other entries (best_step, val)."""
     config = read_config(folder)
@@ -99,8 +99,8 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_editor(folder: str | Path, model=None) -> Editor:
-    """Rebuild an Editor from a checkpoint folder; with `model`, refuse one made for another model."""
+def load_editor(folder: str | Path, model=None) -> EditorNet:
+    """Rebuild an EditorNet from a checkpoint folder; with `model`, refuse one made for another model."""
     folder = Path(folder)
     config = read_config(folder)
     ident = config["model"]
@@ -132,7 +132,7 @@ def load_editor(folder: str | Path, model=None) -> Editor:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise MendError(f"corrupt editor checkpoint: cannot read {weights} ({e})") from None
-    editor = Editor(shapes, EditorConfig.from_dict(config["editor"]))
+    editor = EditorNet(shapes, EditorConfig.from_dict(config["editor"]))
     try:
         editor.load_state_dict(tensors)
     except RuntimeError as e:

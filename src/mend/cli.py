@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 from mend.errors import MendError
+from mend.training.recipe import recipe_names
+
+BASELINE_NAMES = ("ft", "ft-kl", "grad", "none")  # mend.baselines.BASELINES, without loading torch
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -49,119 +52,39 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mend", description="Train MEND editors and edit models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="train an editor network")
-    _common(t)
-    t.add_argument("--data", required=True, help="training edits (file or known data set name)")
-    t.add_argument("--val", help="validation edits; default: held out from --data")
+    t = sub.add_parser(
+        "train", help="train an editor network",
+        description="Train an editor. A recipe (--recipe) holds the settings behind a result; "
+        "the flags below override its data and common settings, --set any other one.",
+    )  # fmt: skip
+    t.add_argument(
+        "--recipe", metavar="NAME_OR_FILE",
+        help=f"shipped recipe ({', '.join(recipe_names())}) or a recipe JSON file "
+        "(default: the library's defaults)",
+    )  # fmt: skip
+    t.add_argument("--data", help="training edits: file or data set name (default: the recipe's)")
+    t.add_argument("--val", help="validation edits (default: the recipe's, else held out)")
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--max-steps", type=int, default=2000)
-    t.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
-    t.add_argument("--rank", type=int, default=512, help="editor rank (MEND paper: 1920)")
-    t.add_argument(
-        "--no-share", dest="share", action="store_false",
-        help="one editor network per edited matrix (default: one per weight shape, shared by "
-        "layers, as in the MEND paper; unshared: 4.5x the parameters, a step ~10%% slower)",
-    )  # fmt: skip
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--batch-size", type=int, default=4, help="edits per step")
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--val-every", type=int, default=100)
-    t.add_argument("--val-edits", type=int, default=256)
-    t.add_argument("--c-loc", type=float, default=1.0)
-    t.add_argument(
-        "--c-loc-late", type=float, default=0.0,
-        help="locality weight from --late-fraction of --max-steps on (0: --c-loc throughout)",
-    )  # fmt: skip
-    t.add_argument("--late-fraction", type=float, default=0.75)
-    t.add_argument("--c-edit", type=float, default=0.1)
-    t.add_argument(
-        "--c-gap", type=float, default=0.0,
-        help="weight of a hinge keeping unedited predictions the argmax on locality inputs",
-    )  # fmt: skip
-    t.add_argument(
-        "--c-size", type=float, default=0.0,
-        help="weight of the edit's size (sum of ||Delta W||^2 / ||W||^2 over edited weights)",
-    )  # fmt: skip
-    t.add_argument("--loc-per-edit", type=int, default=4, help="extra locality inputs per edit")
-    t.add_argument(
-        "--hard-locality",
-        choices=("relation", "answer", "nearest"),
-        default="relation",
-        help="half of the extra locality inputs are other records with the same relation "
-        "(prompt ending), the same true answer, or among the --nearest-k whose prompts' "
-        "inputs at the first edited weight are nearest the record's",
-    )
-    t.add_argument(
-        "--hard-locality-late",
-        choices=("relation", "answer", "nearest"),
-        default=None,
-        help="--hard-locality in the late part of the run (needs --c-loc-late; default: the same)",
-    )
-    t.add_argument(
-        "--nearest-k",
-        type=int,
-        default=16,
-        help="neighbours per record for --hard-locality nearest",
-    )
-    t.add_argument("--cosine", action="store_true", help="cosine-decay lr to 10%% at --max-steps")
-    t.add_argument(
-        "--ema", type=float, default=0.0,
-        help="validate and save a moving average of the editor's weights with this decay "
-        "(e.g. 0.998; 0: off)",
-    )  # fmt: skip
-    t.add_argument(
-        "--edit-modules",
-        nargs="+",
-        default=(),
-        help="weights to edit (default: MLPs of the last 3 blocks)",
-    )
-    t.add_argument(
-        "--joint-edits", type=int, default=1,
-        help="train on batched edits of this many facts (divides --batch-size; 1: single edits)",
-    )  # fmt: skip
-    t.add_argument(
-        "--joint-fraction", type=float, default=1.0,
-        help="share of steps with batched edits of --joint-edits facts (the rest single edits)",
-    )  # fmt: skip
-    t.add_argument(
-        "--init", default=None, metavar="EDITOR_DIR",
-        help="start from this trained editor (e.g. to fine-tune it for batched edits)",
-    )  # fmt: skip
-    t.add_argument("--seed", type=int, default=0)
+    _common(t)
+    t.add_argument("--minutes", type=float, help="wall-clock budget, passes before step 0 included")
+    t.add_argument("--max-steps", type=int)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
-    t.add_argument("--reference", action="store_true", help="slow full-model path (for checking)")
-    t.add_argument("--limit", type=int, default=None, help="use only the first N training edits")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--rank", type=int, help="editor rank")
+    t.add_argument("--edit-modules", nargs="+", help="weights to edit (default: MLPs of the last 3 blocks)")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--edits-per-step", type=int, help="edits trained side by side in a step")
+    t.add_argument("--init", metavar="EDITOR_DIR", help="start from this trained editor")
+    t.add_argument("--limit", type=int, help="use only the first N training edits")
     t.add_argument(
-        "--precondition", type=float, default=0.1,
-        help="ridge lambda of the key preconditioner on u~ (ROME-style C^-1; 0: plain MEND)",
-    )  # fmt: skip
-    t.add_argument(
-        "--row-cache-mb", type=int, default=4096,
-        help="memory for reusing lower-block activations of rows seen before (0: off)",
-    )  # fmt: skip
-    t.add_argument(
-        "--key-text", default="wikitext-valid",
-        help="general text (data set name or path) that joins the training texts in estimating "
-        "the preconditioner's key statistics ('' for the training texts only)",
-    )  # fmt: skip
-    t.add_argument(
-        "--lower-precision", choices=("fp32", "bf16", "auto"), default="fp32",
-        help="precision of the no-grad pass below the edited blocks (bf16: faster first "
-        "epoch; auto: bf16 where the hardware has bf16 units)",
-    )  # fmt: skip
-    t.add_argument(
-        "--shared-rank", type=int, default=16,
-        help="after training, fit this rank of the change all edits share, so that batched "
-        "edits count it once (0: off; see `mend fit-shared`)",
-    )  # fmt: skip
-    t.add_argument(
-        "--select", choices=("accuracy", "loss"), default="accuracy",
-        help="keep the checkpoint with the best mean validation accuracy, or the lowest loss",
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="any other setting by its name in the recipe, e.g. schedule.cosine=true "
+        "or loss.locality=2 (repeatable; values are JSON, else text)",
     )  # fmt: skip
 
     e = sub.add_parser("eval", help="evaluate an editor (or a baseline) on a data set")
     _common(e)
-    e.add_argument("--method", default="mend", choices=["mend", "ft", "ft-kl", "grad", "none"])
+    e.add_argument("--method", default="mend", choices=["mend", *BASELINE_NAMES])
     e.add_argument("--editor", help="editor checkpoint folder (--method mend)")
     _boost_flag(e)
     e.add_argument("--ft-lr", type=float, default=5e-4, help="ft / ft-kl learning rate")
@@ -247,7 +170,9 @@ def _load(args):
 
     from mend.models import load_model
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MendError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return load_model(args.model, dtype=args.dtype, device=args.device)
 
@@ -259,42 +184,82 @@ def _load_data(name: str, tokenizer, model, limit: int | None = None):
     return load_checked(name, tokenizer, context_length(model), limit)
 
 
-def cmd_train(args) -> int:
-    from mend.config import EditorConfig, TrainConfig
-    from mend.train import train
+# flag -> the setting it overrides
+_TRAIN_FLAGS = {"minutes": "schedule.minutes", "max_steps": "schedule.max_steps", "seed": "seed",
+                "rank": "editor.rank", "edit_modules": "editor.edit_modules", "lr": "schedule.lr",
+                "edits_per_step": "sampling.edits_per_step", "init": "init_editor"}  # fmt: skip
 
-    cfg = TrainConfig(
-        editor=EditorConfig(
-            rank=args.rank, share=args.share, edit_modules=tuple(args.edit_modules),
-            precondition=args.precondition or None,
-        ),
-        lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        joint_edits=args.joint_edits, joint_fraction=args.joint_fraction, init_editor=args.init,
-        max_steps=args.max_steps, minutes=args.minutes, val_every=args.val_every,
-        val_edits=args.val_edits, c_loc=args.c_loc, c_loc_late=args.c_loc_late,
-        late_fraction=args.late_fraction, c_edit=args.c_edit, c_gap=args.c_gap,
-        c_size=args.c_size, seed=args.seed, loc_per_edit=args.loc_per_edit,
-        hard_locality=args.hard_locality,
-        hard_locality_late=args.hard_locality_late, nearest_k=args.nearest_k, cosine=args.cosine,
-        ema=args.ema,
-        reference=args.reference, row_cache_mb=args.row_cache_mb, select=args.select,
-        lower_precision=args.lower_precision, key_text=args.key_text or None,
-        shared_rank=args.shared_rank,
-    )  # fmt: skip
+
+def _train_config(args):
+    """(TrainConfig, data, val): the recipe's, with the flags' and --set overrides applied."""
+    from mend.config import TrainConfig
+    from mend.training.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    cfg = recipe.config if recipe else TrainConfig()
+    overrides = [(key, getattr(args, flag)) for flag, key in _TRAIN_FLAGS.items()
+                 if getattr(args, flag) is not None]  # fmt: skip
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise MendError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides.append((key.strip(), value))
+    for key, value in overrides:
+        try:
+            cfg = cfg.override(key, value)
+        except TypeError as e:
+            raise MendError(f"{key}={value!r}: {e}") from None
+    if recipe and recipe.needs_init and not cfg.init_editor:
+        raise MendError(f"recipe {recipe.name!r} fine-tunes a trained editor: give --init DIR")
+    data = args.data or (recipe.data if recipe else None)
+    if data is None:
+        raise MendError("give --data (training edits), or a --recipe that names them")
+    return cfg, data, args.val or (recipe.val if recipe else None)
+
+
+def cmd_train(args) -> int:
+    from mend.training.loop import train
+
+    cfg, data_name, val_name = _train_config(args)
     if args.limit is not None and args.limit < 2:
         raise MendError("--limit must be >= 2")
+    _check_out_dir(args.out, "--out")
+    if cfg.init_editor and not Path(cfg.init_editor).is_dir():
+        raise MendError(f"--init: editor folder not found: {cfg.init_editor}")
     model, tok = _load(args)
-    data = _load_data(args.data, tok, model, args.limit)
-    if args.val:
-        val = _load_data(args.val, tok, model)
+    data = _load_data(data_name, tok, model, args.limit)
+    if val_name:
+        val = _load_data(val_name, tok, model)
     else:
         if len(data) < 2:
             raise MendError("need at least 2 records to hold some out for validation")
-        n_val = min(cfg.val_edits, max(1, len(data) // 10))
+        n_val = min(cfg.schedule.val_edits, max(1, len(data) // 10))
         data, val = data[:-n_val], data[-n_val:]
     summary = train(model, tok, data, val, cfg, args.out, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check_out_dir(path: str | None, flag: str) -> None:
+    """An output folder must be a folder or not exist yet."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise MendError(f"{flag} {path}: an existing file, not a folder")
+
+
+def _check_out_file(path: str | None, flag: str) -> None:
+    """An output file must not be a folder, and its folder must not be a file."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise MendError(f"{flag} {path}: an existing folder, not a file")
+    parent = next((q for q in p.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise MendError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
 def _mend_editor(args, model, tok):
@@ -314,19 +279,12 @@ def _mend_editor(args, model, tok):
 
 def _method(args, model, tok):
     """The editing method named by --method, on the same weights MEND edits."""
-    from mend.baselines import FTEditor, GradEditor, NoEdit, kl_prompts
+    from mend.baselines import make_baseline
 
     if args.method == "mend":
         return _mend_editor(args, model, tok)
-    if args.method == "none":
-        return NoEdit(model, tok)
-    if args.method == "grad":
-        return GradEditor(model, tok, lr=args.grad_lr)
-    loc = kl_prompts(args.loc_data) if args.method == "ft-kl" else []
-    kl = 1.0 if args.method == "ft-kl" else 0.0
-    return FTEditor(
-        model, tok, lr=args.ft_lr, max_steps=args.ft_steps, kl_weight=kl, loc_prompts=loc
-    )
+    options = {k: getattr(args, k) for k in ("ft_lr", "ft_steps", "grad_lr", "loc_data")}
+    return make_baseline(args.method, model, tok, **options)
 
 
 def cmd_eval(args) -> int:
@@ -341,6 +299,7 @@ def cmd_eval(args) -> int:
         raise MendError("--skip must be >= 0")
     if args.method == "mend" and not args.editor:
         raise MendError("--method mend needs --editor")
+    _check_out_file(args.out, "--out")
     model, tok = _load(args)
     method = _method(args, model, tok)
     end = None if args.limit is None else args.skip + args.limit
@@ -369,6 +328,8 @@ def cmd_edit(args) -> int:
         raise MendError("give either --prompt and --target, or --requests FILE")
     if args.one_by_one and args.requests is None:
         raise MendError("--one-by-one needs --requests FILE")
+    _check_out_dir(args.save_model, "--save-model")
+    _check_out_file(args.save_delta, "--save-delta")
     model, tok = _load(args)
     method = _mend_editor(args, model, tok)
     if args.requests is not None:
@@ -418,6 +379,7 @@ def cmd_apply(args) -> int:
     for path in args.delta:
         if not Path(path).is_file():
             raise MendError(f"delta file not found: {path}")
+    _check_out_dir(args.save_model, "--save-model")
     model, tok = _load(args)
     before = [greedy(model, tok, p, args.max_new_tokens) for p in args.prompt]
     applied = [apply_delta(model, path) for path in args.delta]
@@ -473,6 +435,7 @@ def cmd_fit_shield(args) -> int:
 def cmd_demo(args) -> int:
     from mend.demo import run_demo
 
+    _check_out_dir(args.out, "--out")
     model, tok = _load(args)
     run_demo(model, tok, Path(args.out), args.minutes, args.eval_limit, args.train_records or None)
     return 0

@@ -48,7 +48,7 @@ class EditorConfig:
     share: bool = True
     edit_modules: tuple[str, ...] = ()
     precondition: float | None = 0.1
-    # rank of the edit component every edit shares (Editor.set_shared); 0: none set
+    # rank of the edit component every edit shares (EditorNet.set_shared); 0: none set
     shared_rank: int = 0
 
     def __post_init__(self):
@@ -75,121 +75,225 @@ class EditorConfig:
         return _from_dict(cls, {"precondition": None} | data)
 
 
-@dataclass
-class TrainConfig:
-    """Everything the training loop needs besides the model and data (MEND_SPEC section 5)."""
+# Keys of a flat TrainConfig dict (as written before the fields were grouped) -> (group, field).
+_FLAT = {
+    "c_edit": ("loss", "edit"), "c_loc": ("loss", "locality"),
+    "c_loc_late": ("loss", "locality_late"),
+    "batch_size": ("sampling", "edits_per_step"), "joint_edits": ("sampling", "batch_size"),
+    "joint_fraction": ("sampling", "batch_fraction"),
+    "loc_per_edit": ("sampling", "loc_per_edit"), "hard_locality": ("sampling", "hard_locality"),
+    "hard_locality_late": ("sampling", "hard_locality_late"),
+    "nearest_k": ("sampling", "nearest_k"),
+    "lr": ("schedule", "lr"), "alpha_lr": ("schedule", "alpha_lr"),
+    "max_steps": ("schedule", "max_steps"), "minutes": ("schedule", "minutes"),
+    "warmup_steps": ("schedule", "warmup_steps"), "cosine": ("schedule", "cosine"),
+    "late_fraction": ("schedule", "late_fraction"), "clip": ("schedule", "clip"),
+    "ema": ("schedule", "ema"), "val_every": ("schedule", "val_every"),
+    "val_edits": ("schedule", "val_edits"), "patience": ("schedule", "patience"),
+    "reference": ("speed", "reference"), "row_cache_mb": ("speed", "row_cache_mb"),
+    "lower_precision": ("speed", "lower_precision"),
+}  # fmt: skip
+# Settings a flat dict may carry that training no longer has, with the value that behaves as now.
+_RETIRED = {"c_gap": 0.0, "c_size": 0.0, "select": "accuracy", "grad_accum": 1,
+            "edit_loss_on_prompt": True}  # fmt: skip
+HARD_LOCALITY = ("relation", "answer", "nearest")
 
-    editor: EditorConfig = field(default_factory=EditorConfig)
-    lr: float = 1e-4
-    alpha_lr: float = 1e-2  # on log(alpha): a relative step, see editor/net.py
-    c_edit: float = 0.1
-    c_loc: float = 1.0
-    # c_loc from step late_fraction * max_steps on (0: c_loc throughout). A high locality
-    # weight holds back an editor that does not edit yet, and pays off raised late
-    c_loc_late: float = 0.0
-    late_fraction: float = 0.75
-    # weight of losses.gap_hinge on the locality rows: keeps unedited predictions the argmax
-    # where KL barely sees the change (near-ties); 0 is plain MEND
-    c_gap: float = 0.0
-    # weight of the edit's size, sum over edited matrices of ||Delta W||^2 / ||W||^2
-    # (train.edit_size); 0 is plain MEND
-    c_size: float = 0.0
-    batch_size: int = 4  # independent single edits per step, run side by side
-    # edits per batched edit in training (1: single edits); divides batch_size. Validation
-    # always scores single edits.
-    joint_edits: int = 1
-    # share of steps that train batched edits (the others single edits), spread evenly
-    joint_fraction: float = 1.0
-    # start from this trained editor (networks, step sizes, statistics, preconditioner; its
-    # editor configuration replaces `editor`) instead of an identity-initialised one
-    init_editor: str | None = None
-    grad_accum: int = 1
-    clip: float = 100.0
-    loc_per_edit: int = 4  # extra locality probes sampled from other records, per edit
-    # half of them are "hard": records with the same "relation" (prompt ending), the same
-    # true "answer", or among the `nearest_k` records whose prompts' inputs at the first
-    # edited weight are "nearest" its own (train.similar_key, train.nearest_records)
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MendError(message)
+
+
+@dataclass
+class LossWeights:
+    """Weights of the training loss: edit * L_edit + locality * L_loc (MEND's c_edit, c_loc).
+
+    Attributes:
+        locality_late: the locality weight from `schedule.late_fraction` of the run on (0: keep
+            `locality`). A high locality weight holds back an editor that does not edit yet,
+            and pays off when raised late.
+    """
+
+    edit: float = 0.1
+    locality: float = 1.0
+    locality_late: float = 0.0
+
+    def __post_init__(self):
+        _check(min(self.edit, self.locality, self.locality_late) >= 0,
+               "loss weights must be >= 0")  # fmt: skip
+
+
+@dataclass
+class Sampling:
+    """What one training step draws.
+
+    Attributes:
+        edits_per_step: edits trained side by side in one step.
+        batch_size: requests per edit (1: single edits; k: every k edits of a step form one
+            batched edit, as an edit of k requests does); divides edits_per_step.
+        batch_fraction: share of steps with batched edits, spread evenly; the others train
+            single edits. Validation always scores single edits.
+        loc_per_edit: extra locality inputs per edit, drawn from other records; half of them
+            "hard": records with the same "relation" (prompt ending), the same true "answer",
+            or among the `nearest_k` records whose prompts' inputs at the first edited weight
+            are "nearest" the record's (training.sampling).
+        hard_locality_late: `hard_locality` from `schedule.late_fraction` on (needs
+            `loss.locality_late`); None: `hard_locality` throughout.
+    """
+
+    edits_per_step: int = 4
+    batch_size: int = 1
+    batch_fraction: float = 1.0
+    loc_per_edit: int = 4
     hard_locality: str = "relation"
-    # hard_locality in the late part of the run (with c_loc_late); None: hard_locality throughout
     hard_locality_late: str | None = None
     nearest_k: int = 16
-    edit_loss_on_prompt: bool = True  # besides the paraphrases, also train x_e itself
+
+    def __post_init__(self):
+        _check(self.edits_per_step >= 1, f"edits_per_step must be >= 1, got {self.edits_per_step}")
+        _check(self.batch_size >= 1 and self.edits_per_step % self.batch_size == 0,
+               f"batch_size must divide edits_per_step ({self.edits_per_step}), "
+               f"got {self.batch_size}")  # fmt: skip
+        _check(0 <= self.batch_fraction <= 1,
+               f"batch_fraction must be in [0, 1], got {self.batch_fraction}")  # fmt: skip
+        _check(self.loc_per_edit >= 0, f"loc_per_edit must be >= 0, got {self.loc_per_edit}")
+        _check(self.hard_locality in HARD_LOCALITY,
+               f"hard_locality must be one of {HARD_LOCALITY}, got {self.hard_locality!r}")  # fmt: skip
+        _check(self.hard_locality_late in (*HARD_LOCALITY, None),
+               f"hard_locality_late must be one of {HARD_LOCALITY} or None, "
+               f"got {self.hard_locality_late!r}")  # fmt: skip
+        _check(self.nearest_k >= 2, f"nearest_k must be >= 2, got {self.nearest_k}")
+
+
+@dataclass
+class Schedule:
+    """How long training runs, how fast it learns, when it validates.
+
+    Attributes:
+        alpha_lr: learning rate of the per-matrix log step sizes (a relative step).
+        minutes: wall-time budget, counting the passes before the first step; None: none.
+        cosine: decay the learning rates to 10% at max_steps (after a linear warm-up).
+        late_fraction: where the late part of the run starts (`loss.locality_late`).
+        ema: decay of a moving average of the editor's weights that validation, the best
+            checkpoint and `last` hold (training moves the raw weights); 0: off.
+        patience: validations without improvement before training stops early.
+    """
+
+    lr: float = 1e-4
+    alpha_lr: float = 1e-2
     max_steps: int = 2000
     minutes: float | None = None
+    warmup_steps: int = 50
+    cosine: bool = False
+    late_fraction: float = 0.75
+    clip: float = 100.0
+    ema: float = 0.0
     val_every: int = 100
     val_edits: int = 256
-    patience: int = 8  # validations without improvement before early stopping
-    select: str = "accuracy"  # best checkpoint by "accuracy" (mean of the three) or by "loss"
-    warmup_steps: int = 50
-    cosine: bool = False  # cosine-decay the learning rates to 10% at max_steps
-    # decay of an exponential moving average of the editor's weights (train.WeightAverage):
-    # validation, the best checkpoint and `last` hold the average, training moves the raw
-    # weights; 0: off (the raw weights everywhere)
-    ema: float = 0.0
-    reference: bool = False  # run full forward passes instead of caching the lower blocks
-    row_cache_mb: int = 4096  # memory for reusing the lower blocks' output per row (0: off)
-    # "bf16": the fast path's no-grad pass below the edited blocks in bf16 (autocast);
-    # "auto": bf16 where the hardware has fast bf16 products (see models/upper.bf16_is_fast)
-    lower_precision: str = "fp32"
-    # general text (a data set name or a path) whose windows join the training texts in
-    # estimating the key preconditioner's C; None: the training texts only
+    patience: int = 8
+
+    def __post_init__(self):
+        for name in ("lr", "alpha_lr", "clip"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps", "val_every", "val_edits", "patience"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.late_fraction <= 1,
+               f"late_fraction must be in [0, 1], got {self.late_fraction}")  # fmt: skip
+        _check(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
+        _check(self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}")
+
+
+@dataclass
+class Speed:
+    """How training computes (the results do not depend on it beyond float rounding).
+
+    Attributes:
+        reference: full forward passes of the whole model instead of rerunning only the
+            edited blocks (slow; for checking the fast path).
+        row_cache_mb: memory for reusing the lower blocks' outputs per row (0: off).
+        lower_precision: the no-grad pass below the edited blocks in "bf16", "fp32", or
+            "auto": bf16 where the hardware has fast bf16 products (`bf16_is_fast`).
+    """
+
+    reference: bool = False
+    row_cache_mb: int = 4096
+    lower_precision: str = "auto"
+
+    def __post_init__(self):
+        _check(self.row_cache_mb >= 0, f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
+        _check(self.lower_precision in ("fp32", "bf16", "auto"),
+               f"lower_precision must be fp32, bf16 or auto, got {self.lower_precision!r}")  # fmt: skip
+
+
+_GROUPS = {"loss": LossWeights, "sampling": Sampling, "schedule": Schedule, "speed": Speed}
+
+
+@dataclass
+class TrainConfig:
+    """Everything the training loop needs besides the model and data, grouped by concern.
+
+    Attributes:
+        init_editor: start from this trained editor folder (networks, step sizes, statistics,
+            preconditioner; its editor configuration replaces `editor`).
+        key_text: general text (a data set name or a path) whose windows join the training
+            texts in estimating the key preconditioner's statistics; None: training texts only.
+        shared_rank: after training, the rank of the change all edits share, fitted on
+            training edits and saved with the best checkpoint, that batched edits count once
+            (edit.fit_shared); 0: off.
+    """
+
+    editor: EditorConfig = field(default_factory=EditorConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    sampling: Sampling = field(default_factory=Sampling)
+    schedule: Schedule = field(default_factory=Schedule)
+    speed: Speed = field(default_factory=Speed)
+    init_editor: str | None = None
     key_text: str | None = "wikitext-valid"
-    # after training: rank of the component shared by all edits, fitted on training edits and
-    # saved with the best checkpoint, that batched edits then count once (edit.fit_shared); 0: off
     shared_rank: int = 16
     seed: int = 0
 
     def __post_init__(self):
         if isinstance(self.editor, dict):
             self.editor = EditorConfig.from_dict(self.editor)
-        for name in ("lr", "alpha_lr", "clip"):
-            if not getattr(self, name) > 0:
-                raise MendError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("batch_size", "grad_accum", "max_steps", "val_every", "val_edits"):
-            if getattr(self, name) < 1:
-                raise MendError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.joint_edits < 1 or self.batch_size % self.joint_edits:
-            raise MendError(
-                f"joint_edits must divide batch_size ({self.batch_size}), got {self.joint_edits}"
-            )
-        if not 0 <= self.joint_fraction <= 1:
-            raise MendError(f"joint_fraction must be in [0, 1], got {self.joint_fraction}")
-        if self.select not in ("accuracy", "loss"):
-            raise MendError(f"select must be 'accuracy' or 'loss', got {self.select!r}")
-        if self.lower_precision not in ("fp32", "bf16", "auto"):
-            raise MendError(
-                f"lower_precision must be fp32, bf16 or auto, got {self.lower_precision!r}"
-            )
-        if self.shared_rank < 0:
-            raise MendError(f"shared_rank must be >= 0, got {self.shared_rank}")
-        if self.row_cache_mb < 0:
-            raise MendError(f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
-        if min(self.c_edit, self.c_loc, self.c_loc_late, self.c_gap, self.c_size) < 0:
-            raise MendError("c_edit, c_loc, c_loc_late, c_gap and c_size must be >= 0")
-        modes = ("relation", "answer", "nearest")
-        if self.hard_locality not in modes:
-            raise MendError(f"hard_locality must be one of {modes}, got {self.hard_locality!r}")
-        if self.hard_locality_late not in (*modes, None):
-            raise MendError(
-                f"hard_locality_late must be one of {modes} or None, "
-                f"got {self.hard_locality_late!r}"
-            )
-        if self.hard_locality_late is not None and not self.c_loc_late:
-            raise MendError("hard_locality_late needs a late part of the run (c_loc_late > 0)")
-        if self.nearest_k < 2:
-            raise MendError(f"nearest_k must be >= 2, got {self.nearest_k}")
-        if not 0 <= self.late_fraction <= 1:
-            raise MendError(f"late_fraction must be in [0, 1], got {self.late_fraction}")
-        if not 0 <= self.ema < 1:
-            raise MendError(f"ema must be in [0, 1), got {self.ema}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise MendError(f"minutes must be > 0, got {self.minutes}")
+        for name, cls in _GROUPS.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, _from_dict(cls, getattr(self, name)))
+        _check(self.shared_rank >= 0, f"shared_rank must be >= 0, got {self.shared_rank}")
+        _check(self.sampling.hard_locality_late is None or self.loss.locality_late > 0,
+               "hard_locality_late needs a late part of the run (loss.locality_late > 0)")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"editor": self.editor.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """From `to_dict`'s nested form, or the flat form of earlier training states."""
         data = dict(data)
-        editor = EditorConfig.from_dict(data.pop("editor", {}))
-        return _from_dict(cls, data | {"editor": editor})
+        grouped: dict[str, dict[str, Any]] = {name: {} for name in _GROUPS}
+        for key in [k for k in data if k in _FLAT or k in _RETIRED]:
+            value = data.pop(key)
+            if key in _RETIRED:
+                _check(value == _RETIRED[key],
+                       f"{key}={value!r} is not supported any more (only {_RETIRED[key]!r})")  # fmt: skip
+                continue
+            group, name = _FLAT[key]
+            grouped[group][name] = value
+        for name in _GROUPS:
+            grouped[name] |= data.pop(name, {})
+        editor = data.pop("editor", {})
+        editor = EditorConfig.from_dict(editor) if isinstance(editor, dict) else editor
+        groups = {name: _from_dict(cls_, grouped[name]) for name, cls_ in _GROUPS.items()}
+        return _from_dict(cls, data | groups | {"editor": editor})
+
+    def override(self, key: str, value: Any) -> TrainConfig:
+        """A copy with one field set by its dotted name ("schedule.lr", "seed"), validated."""
+        data = self.to_dict()
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            _check(isinstance(node.get(part), dict), f"unknown setting {key!r}")
+            node = node[part]
+        _check(last in node, f"unknown setting {key!r}")
+        node[last] = value
+        return TrainConfig.from_dict(data)

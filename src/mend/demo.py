@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from mend.checkpoint import load_editor
-from mend.config import EditorConfig, TrainConfig
 from mend.data import load_checked
 from mend.data.collate import context_length
 from mend.edit import MendEditor
@@ -13,7 +12,8 @@ from mend.errors import MendError
 from mend.evaluate import evaluate, format_report
 from mend.files import write_json
 from mend.models.forward import greedy
-from mend.train import train
+from mend.training.loop import train
+from mend.training.recipe import load_recipe
 
 SHOWCASE = 5
 
@@ -39,12 +39,13 @@ def run_demo(
     evaluate on `eval_limit` held-out edits, show a few.
 
     A few minutes of training cannot revisit 10k records, but can revisit 2k: their rows are
-    cached before the first step (train.warm_rows) and every step after is a cached one.
+    cached before the first step (training.prepare.warm_rows) and every step after is a
+    cached one. The settings are the shipped "demo" recipe's.
     """
     train_data, val, test = _demo_data(tokenizer, context_length(model), eval_limit)
     train_data = train_data[:train_records]
-    cfg = TrainConfig(editor=EditorConfig(), minutes=minutes, max_steps=100_000, val_every=100,
-                      val_edits=len(val), patience=1000, lower_precision="auto")  # fmt: skip
+    cfg = load_recipe("demo").config.override("schedule.minutes", minutes)
+    cfg = cfg.override("schedule.val_edits", len(val))
     print(f"training an editor for {minutes:g} minutes on {len(train_data)} CounterFact edits")
     summary = train(model, tokenizer, train_data, val, cfg, out)
     best = summary["best_val"]

@@ -15,13 +15,15 @@ has its change scaled up (by `boost`, e.g. 1.5 then 2), which reruns only the ed
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
 
+from mend.checkpoint import load_editor, model_identity, save_editor
 from mend.data.collate import IGNORE, TokenBatch, context_length, make_batch
-from mend.editor.net import Editor
+from mend.editor.net import EditorNet
 from mend.errors import MendError
 from mend.grads import capture, first_scored_inputs
 from mend.losses import edit_loss
@@ -48,12 +50,12 @@ def _dense_is_cheaper(rows: int, rank: int, d_in: int, d_out: int) -> bool:
 
 
 class MendEditor:
-    """Binds a trained Editor to a model and tokenizer.
+    """Binds a trained EditorNet to a model and tokenizer.
 
     Args:
         model: a causal LM whose edited weights match the editor's names and shapes.
         tokenizer: its tokenizer.
-        editor: the editor networks.
+        net: the trained editor networks (`EditorNet`).
         boost: scales tried in turn by `edit()` on each request whose target is not yet the
             argmax (every token, after its prompt) under the edit; () applies MEND's change
             as it comes, unchecked.
@@ -83,7 +85,7 @@ class MendEditor:
             the requests' own changes (5 CounterFact edits per batch: rewrite 0.56 -> 0.28).
         editor_bf16: run the editor networks' large products in bf16 where no gradient is
             taken (edits; training stays fp32): an edit's cost there is reading the editor's
-            weights, and bf16 halves it (`Editor.forward`). None (default): where bf16 is
+            weights, and bf16 halves it (`EditorNet.forward`). None (default): where bf16 is
             fast (`bf16_is_fast`: bf16 GPUs, CPUs with bf16 units); False: fp32 throughout.
     """
 
@@ -91,7 +93,7 @@ class MendEditor:
         self,
         model,
         tokenizer,
-        editor: Editor,
+        net: EditorNet,
         boost=DEFAULT_BOOST,
         start: float = 1.0,
         check_batches: bool = False,
@@ -99,7 +101,7 @@ class MendEditor:
         shield: Shield | None = None,
         editor_bf16: bool | None = None,
     ):
-        self.model, self.tokenizer, self.editor = model, tokenizer, editor
+        self.model, self.tokenizer, self.net = model, tokenizer, net
         self.shield = shield
         self.boost = tuple(float(s) for s in boost)
         self.start = float(start)
@@ -111,25 +113,36 @@ class MendEditor:
             raise MendError(f"the check's start scale must be > 0 and finite, got {start}")
         if self.start != 1 and not self.boost:
             raise MendError("a start scale needs a check: give boost scales too")
-        self.params = find_editable(model, editor.names)
+        self.params = find_editable(model, net.names)
         for p in self.params:
-            if p.in_out != editor.shapes[p.name]:
+            if p.in_out != net.shapes[p.name]:
                 raise MendError(
                     f"editor was made for a different model: {p.name} is {p.in_out} "
-                    f"(in, out) here but {editor.shapes[p.name]} in the editor"
+                    f"(in, out) here but {net.shapes[p.name]} in the editor"
                 )
         # Edits swap new storage in and keep the old (EditResult), so holding these aliases
         # costs nothing and stays exact; `moved()` compares storage.
         self._anchor = {p.name: p.weight.data for p in self.params}
-        self._anchor_sq: dict[str, torch.Tensor] = {}
         self.max_len = context_length(model)
         self._spares = WeightPool(protected=self._anchor.values())
-        start = UpperStack.first_edited_block(model, editor.names)
+        start = UpperStack.first_edited_block(model, net.names)
         self._stack = UpperStack(model, start) if start is not None else None
         head = model.get_output_embeddings()
         edits_head = any(p.module is head for p in self.params)  # its output carries hooks then
         self._argmax = None if edits_head else HeadArgmax(head)
         self.editor_bf16 = bf16_is_fast(self.device) if editor_bf16 is None else editor_bf16
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, model, tokenizer, **kwargs) -> MendEditor:
+        """Bind the editor saved in `folder` (by `save_pretrained` or `mend train`) to model.
+
+        Refuses an editor made for another model. `kwargs` go to the constructor (boost, ...).
+        """
+        return cls(model, tokenizer, load_editor(folder, model), **kwargs)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Save the editor networks and the model's identity (JSON + safetensors) in `folder`."""
+        save_editor(folder, self.net, model_identity(self.model, self.net.names))
 
     @property
     def device(self) -> torch.device:
@@ -139,18 +152,18 @@ class MendEditor:
         """Tokenise (prompt, target-or-None) pairs for this model."""
         return make_batch(self.tokenizer, pairs, groups, self.max_len).to(self.device)
 
-    def factors(self, batch: TokenBatch, rows_per_edit: int | None = 1, captured=None) -> Factors:
-        """Editor-transformed gradient factors for the edit rows of `batch`.
+    def factors(self, batch: TokenBatch, batch_size: int | None = 1, captured=None) -> Factors:
+        """EditorNet-transformed gradient factors for the edit rows of `batch`.
 
         Args:
             batch: one row per request (prompt + target).
-            rows_per_edit: how many consecutive rows make one edit (their changes summed):
+            batch_size: how many consecutive rows (requests) make one edit (their changes summed):
                 1 gives one edit per row (G = rows), None one edit of all rows (a batched
                 edit); it must divide the number of rows.
             captured: (u, delta) from `grads.capture` on batch, if already computed; rows
                 whose delta is zero carry no edit.
         """
-        k = len(batch) if rows_per_edit is None else rows_per_edit
+        k = len(batch) if batch_size is None else batch_size
         if k < 1 or len(batch) % k:
             raise MendError(f"cannot split {len(batch)} rows into edits of {k} rows")
         if captured is None:
@@ -164,7 +177,7 @@ class MendEditor:
             masks[name] = mask
         low = torch.bfloat16 if self.editor_bf16 and not torch.is_grad_enabled() else None
         out = {}
-        for name, (u_t, d_t) in self.editor(flat, low).items():
+        for name, (u_t, d_t) in self.net(flat, low).items():
             idx = masks[name].nonzero(as_tuple=True)
             u, delta = captured[name]
             u_full = u.new_zeros(u.shape).index_put(idx, u_t)  # (R, S, in)
@@ -187,7 +200,7 @@ class MendEditor:
 
         def make_hook(name: str):
             u, d = factors[name]
-            alpha = self.editor.alpha(name)
+            alpha = self.net.alpha(name)
             dense = None
 
             def hook(module, inputs, output):
@@ -226,7 +239,7 @@ class MendEditor:
         for p in self.params:
             if p.name in factors:
                 u, d = factors[p.name][0][group], factors[p.name][1][group]  # (T, in), (T, out)
-                yield p, (-self.editor.alpha(p.name) * u, d)
+                yield p, (-self.net.alpha(p.name) * u, d)
 
     def _non_finite(self, factors: Factors) -> str | None:
         """The first matrix whose Delta W could hold an inf or nan, judged on its factors.
@@ -236,7 +249,7 @@ class MendEditor:
         """
         limit = torch.finfo(torch.float32).max
         for name, (u, d) in factors.items():
-            bound = self.editor.alpha(name) * u.shape[-2] * u.abs().amax() * d.abs().amax()
+            bound = self.net.alpha(name) * u.shape[-2] * u.abs().amax() * d.abs().amax()
             if not bool(bound <= limit):
                 return name
         return None
@@ -319,12 +332,6 @@ class MendEditor:
                 current = scaled()
         return current, scale.tolist()
 
-    def anchor_norm_sq(self, name: str) -> torch.Tensor:
-        """||W||_F^2 of the edited weight `name` as this editor found it (computed once)."""
-        if name not in self._anchor_sq:
-            self._anchor_sq[name] = self._anchor[name].float().square().sum()
-        return self._anchor_sq[name]
-
     def moved(self) -> bool:
         """Whether the model's edited weights differ from the anchor (an edit is applied)."""
         return any(p.weight.data_ptr() != self._anchor[p.name].data_ptr() for p in self.params)
@@ -338,17 +345,17 @@ class MendEditor:
     def _shared_once(self, factors: Factors, keep: float) -> Factors:
         """An edit with only `keep` of the change all edits share (1/k: counted once in k).
 
-        With A (out, r), B (in, r) from `Editor.set_shared`, the shared part of one group's
+        With A (out, r), B (in, r) from `EditorNet.set_shared`, the shared part of one group's
         Delta W = sum_t d~_t u~_t^T is A K B^T, K = A^T Delta W B; r extra token slots
         (u = B's columns, d = -(1 - keep) A K's columns) leave `keep` of it. A batch of k
         requests keeps 1/k, the mean edit's share; an anchored edit on a model that already
         carries one keeps none.
         """
-        if keep == 1 or not self.editor.cfg.shared_rank:
+        if keep == 1 or not self.net.cfg.shared_rank:
             return factors
         out = {}
         for name, (u, d) in factors.items():
-            a, b = self.editor.shared(name)
+            a, b = self.net.shared(name)
             k_mat = (d @ a).transpose(1, 2) @ (u @ b)  # (G, r, r)
             u_x = b.T.expand(len(u), -1, -1)  # (G, r, in)
             d_x = -(1 - keep) * (a @ k_mat).transpose(1, 2)  # (G, r, out)
@@ -375,14 +382,14 @@ class MendEditor:
             raise MendError("no edit requests given")
         start = time.perf_counter()
         batch = self.batch([(r.prompt, r.target) for r in requests])
-        was_training = self.editor.training
-        self.editor.eval()
+        was_training = self.net.training
+        self.net.eval()
         try:
             with torch.no_grad():
                 anchored = self.anchored and self.moved()
                 with self._at_anchor() if anchored else nullcontext():
                     captured, prepared = self._capture(batch)
-                factors = self.factors(batch, rows_per_edit=None, captured=captured)
+                factors = self.factors(batch, batch_size=None, captured=captured)
                 keep = 0.0 if anchored else 1 / len(requests)
                 shield = self._shield_of(captured, batch)
 
@@ -403,13 +410,13 @@ class MendEditor:
                 result = EditResult(self.model, self.params, updates, 0.0, self._spares)
                 result.scales = scales
         finally:
-            self.editor.train(was_training)
+            self.net.train(was_training)
         result.seconds = time.perf_counter() - start
         return result
 
 
 def fit_shared(me: MendEditor, requests: list[EditRequest], rank: int = 16, progress: bool = False):
-    """Fit and store (`Editor.set_shared`) the part of the change that all edits share.
+    """Fit and store (`EditorNet.set_shared`) the part of the change that all edits share.
 
     A trained editor's single edits are far from independent: on SmolLM2-135M the mean change
     over 64 CounterFact edits is nearly rank one in every matrix and holds about 70% of a new
@@ -421,8 +428,8 @@ def fit_shared(me: MendEditor, requests: list[EditRequest], rank: int = 16, prog
 
     if not requests:
         raise MendError("fit_shared needs at least one edit")
-    was_training = me.editor.training
-    me.editor.eval()
+    was_training = me.net.training
+    me.net.eval()
     total: dict[str, torch.Tensor] = {}
     try:
         for req in tqdm(requests, desc="shared part of edits", disable=not progress):
@@ -432,11 +439,11 @@ def fit_shared(me: MendEditor, requests: list[EditRequest], rank: int = 16, prog
                     dw = d[0].T @ u[0]  # (out, in)
                     total[name] = total[name] + dw if name in total else dw
     finally:
-        me.editor.train(was_training)
+        me.net.train(was_training)
     bases = {}
     for name, dw in total.items():
         left, _, right_t = torch.linalg.svd(dw / len(requests), full_matrices=False)
         r = min(rank, left.shape[1])
         bases[name] = (left[:, :r], right_t[:r].T)
-    me.editor.set_shared(bases)
+    me.net.set_shared(bases)
     return bases

@@ -50,29 +50,6 @@ def top_gap(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     return chosen - others.amax(-1)
 
 
-def gap_hinge(base_logits: torch.Tensor, edited_logits: torch.Tensor, tau: float = 1.0):
-    """Mean hinge on the unedited argmax keeping its lead: relu(min(g_base, tau) - g_edited).
-
-    g is the logit gap between the unedited model's top token and the runner-up. The KL
-    hardly notices an edit that moves a near-tie (g_base ~ 0.1) across, yet that flips the
-    prediction; this loss is zero while the edited gap stays at least min(g_base, tau) and
-    pushes back only at positions about to flip.
-    """
-    top = base_logits.argmax(-1)
-    need = top_gap(base_logits, top).clamp(max=tau)
-    return torch.relu(need - top_gap(edited_logits, top)).mean()
-
-
-def relative_change(u: torch.Tensor, d: torch.Tensor, scale, weight_sq) -> torch.Tensor:
-    """||scale * u^T d||_F^2 / weight_sq for each edit group of one matrix: (G,).
-
-    u (G, T, in), d (G, T, out) are an edit's token factors; the Frobenius norm of their
-    outer-product sum comes from the two (T, T) Gram matrices, without forming Delta W.
-    """
-    gram = (u @ u.transpose(1, 2)) * (d @ d.transpose(1, 2))
-    return scale**2 * gram.sum((1, 2)) / weight_sq
-
-
 def edit_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """The loss whose gradient MEND transforms: each row's mean target NLL, summed over rows.
 

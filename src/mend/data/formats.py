@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mend.data.sources import resolve_data
 from mend.errors import MendError
 from mend.types import EditRequest, Probe
 
@@ -160,14 +162,26 @@ def _read_records(path: Path) -> list[Any]:
         raise MendError(f"{path}: not valid JSON or JSONL ({e})") from None
 
 
-def load_requests(path: str | Path, limit: int | None = None) -> list[EditRequest]:
-    """Read edit requests from any supported file; the layout is detected from the records."""
-    path = Path(path)
+_SLICE = re.compile(r"^(?P<name>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
+def load_requests(name_or_path: str | Path, limit: int | None = None) -> list[EditRequest]:
+    """Read edit requests from a file or a known data set name (as `mend --data` takes them).
+
+    The layout is detected from the records. A name or path may end in a slice of its
+    records, e.g. "zsre-eval[600:]" (records 600 on) or "counterfact-val[:500]".
+    """
+    start = stop = None
+    match = _SLICE.match(str(name_or_path))
+    if match and not Path(name_or_path).exists():
+        name_or_path = match["name"]
+        start, stop = (int(match[k]) if match[k] else None for k in ("start", "stop"))
+    path = resolve_data(name_or_path)
     if path.is_dir():
         raise MendError(f"data path is a folder, not a file: {path}")
-    records = _read_records(path)
+    records = _read_records(path)[start:stop]
     if not records or limit == 0:
-        raise MendError(f"{path}: no records")
+        raise MendError(f"{path}: no records" + (f" in [{start or ''}:{stop or ''}]" if match else ""))
     parse = _detect(records[0], f"{path}: record 0")
     out, skipped = [], []
     for i, rec in enumerate(records):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from mend.data.collate import check_requests
 from mend.data.formats import load_requests
-from mend.data.sources import resolve_data
 from mend.types import EditRequest
 
 
 def load_checked(name: str, tokenizer, max_len: int, limit: int | None = None) -> list[EditRequest]:
     """Resolve, read and pre-tokenise a data set, so bad records fail before any work starts."""
-    requests = load_requests(resolve_data(name), limit=limit)
+    requests = load_requests(name, limit=limit)
     check_requests(tokenizer, requests, max_len)
     return requests

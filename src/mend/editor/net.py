@@ -1,4 +1,4 @@
-"""Editor networks g: (u, delta) per token -> transformed (u~, delta~) (MEND_SPEC section 3)."""
+"""Editor networks g: (u, delta) per token -> transformed (u~, delta~), and their container."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class LowRankBlock(nn.Module):
         return super().train(mode)
 
 
-class EditorNet(nn.Module):
+class MatrixNet(nn.Module):
     """One editor for all edited matrices of one (in, out) shape."""
 
     def __init__(self, d_in: int, d_out: int, n_layers: int, cfg: EditorConfig):
@@ -89,7 +89,7 @@ class EditorNet(nn.Module):
         return z[:, : self.d_in], z[:, self.d_in :]
 
 
-class Editor(nn.Module):
+class EditorNet(nn.Module):
     """All editor networks for one model, plus the learned step size of every edited matrix.
 
     Args:
@@ -122,7 +122,7 @@ class Editor(nn.Module):
             members[key].append(name)
         self.nets = nn.ModuleDict(
             {
-                key: EditorNet(*self.shapes[names[0]], len(names), cfg)
+                key: MatrixNet(*self.shapes[names[0]], len(names), cfg)
                 for key, names in members.items()
             }
         )

@@ -12,6 +12,7 @@ import torch
 from mend.config import cache_dir
 from mend.errors import MendError
 from mend.files import atomic_folder
+from mend.models.upper import bf16_is_fast
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,31 @@ def _alias_folder(alias: str) -> Path:
     return target
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device named, if this machine has it.
+
+    Raises:
+        MendError: an unknown device name, or a device this machine (or this build of
+            PyTorch) does not have, e.g. "cuda" without CUDA.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MendError(f"unknown device {str(device)!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if device.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    available = backend is not None and getattr(backend, "is_available", lambda: False)()
+    if not available:
+        raise MendError(f"device {str(device)!r} is not available on this machine")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise MendError(f"device {str(device)!r} does not exist: this machine has {count}")
+    return device
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str | torch.device = "cpu"):
     """Load a causal LM and its tokenizer, in eval mode with a pad token set.
 
@@ -78,6 +104,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str | tor
 
     if dtype not in _DTYPES:
         raise MendError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    device = check_device(device)
+    if dtype == "bf16" and not bf16_is_fast(device):
+        log.warning("bf16 on %s has no fast bf16 units here: its matrix products run many times "
+                    "slower than fp32 (use fp32)", device)  # fmt: skip
     if name in ALIASES:
         path = str(_alias_folder(name))
     elif Path(name).exists():
