@@ -14,6 +14,7 @@ from mend.evaluate import evaluate
 from mend.models import load_model
 from mend.result import EditResult, apply_delta
 from mend.training.loop import train
+from mend.training.recipe import load_recipe
 from mend.types import EditRequest, Probe
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "evaluate",
     "load_editor",
     "load_model",
+    "load_recipe",
     "load_requests",
     "save_editor",
     "train",

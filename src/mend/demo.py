@@ -6,11 +6,11 @@ from pathlib import Path
 
 from mend.checkpoint import load_editor
 from mend.data import load_checked
-from mend.data.collate import context_length
 from mend.edit import MendEditor
 from mend.errors import MendError
 from mend.evaluate import evaluate, format_report
 from mend.files import write_json
+from mend.models import context_length
 from mend.models.forward import greedy
 from mend.training.loop import train
 from mend.training.recipe import load_recipe
