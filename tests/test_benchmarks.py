@@ -1,4 +1,5 @@
-"""Benchmark scripts stay runnable: gpu_scale --tiny on CPU, compare.py's runs and merging."""
+"""Benchmark and experiment scripts stay runnable: gpu_scale --tiny on CPU, compare.py's runs and
+merging, experiments/check_variants.py's check variant."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+EXPERIMENTS = ROOT / "experiments"
 
 
-def _load(name: str):
+def _load(name: str, folder: Path = BENCH):
     if str(BENCH) not in sys.path:  # the scripts import each other (compare.fmt_row)
         sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -100,12 +103,12 @@ def test_compare_sequential_and_batched_runs_score_every_checkpoint(tokenizer):
 def test_check_variants_start_below_scale_one_and_still_edit(tokenizer):
     from conftest import fact_requests, tiny_mend
 
-    variant = _load("check_variants").CheckVariant
-    me = tiny_mend(tokenizer, variant, start=0.5, boost=(1.0, 1.5))
+    variant = _load("check_variants", EXPERIMENTS).CheckVariant
+    editor = tiny_mend(tokenizer, variant, start=0.5, boost=(1.0, 1.5))
     plain = tiny_mend(tokenizer, boost=())  # MEND's change, unchecked
-    plain.editor.load_state_dict(me.editor.state_dict())
+    plain.net.load_state_dict(editor.net.state_dict())
     req = fact_requests(1)
-    a = me.edit(req)
+    a = editor.edit(req)
     variant_deltas = {n: d.clone() for n, d in a.deltas.items()}
     a.revert()
     b = plain.edit(req)
