@@ -17,12 +17,11 @@ from tqdm.auto import tqdm
 from mend.baselines import BASELINES, GradEditor, make_baseline
 from mend.checkpoint import load_editor
 from mend.data import load_checked, resolve_data
-from mend.data.collate import context_length
 from mend.data.text import read_text
 from mend.edit import MendEditor
 from mend.evaluate import METRICS, evaluate, perplexity, score, summarize
 from mend.files import write_json
-from mend.models import load_model
+from mend.models import context_length, load_model
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 SHORT = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "locality",
@@ -110,7 +109,7 @@ def run_sequential(model, tok, methods, edits, every):
     # Unedited predictions for each prefix, taken before any edit is applied.
     base = {n: score(model, tok, edits[:n]) for n in checkpoints}
     if "mend" in methods:
-        paper = MendEditor(model, tok, methods["mend"].editor, anchored=False)
+        paper = MendEditor(model, tok, methods["mend"].net, anchored=False)
         methods = methods | {"mend-unanchored": paper}
     for name in [m for m in ("mend", "mend-unanchored", "ft") if m in methods]:
         results, curve = [], []

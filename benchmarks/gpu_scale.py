@@ -116,15 +116,15 @@ class Clock:
         return statistics.median(times)
 
 
-def train_path(me, stack, pool, tcfg, clock: Clock, steps: int) -> dict:
+def train_path(editor, stack, pool, tcfg, clock: Clock, steps: int) -> dict:
     """Median step time (forward, backward, Adam) and peak memory of one training path."""
-    opt = torch.optim.Adam(me.net.parameters(), lr=1e-5)
+    opt = torch.optim.Adam(editor.net.parameters(), lr=1e-5)
     step = iter(range(10**9))
 
     def one():
         rng = random.Random(next(step))
         reqs = rng.sample(pool, tcfg.sampling.edits_per_step)
-        loss, _ = edit_step(me, reqs, build_rows(reqs, pool, tcfg.sampling, rng), tcfg, stack)
+        loss, _ = edit_step(editor, reqs, build_rows(reqs, pool, tcfg.sampling, rng), tcfg, stack)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -145,23 +145,23 @@ def measure(name, family, overrides, device, dtype, args) -> dict:
     params = find_editable(model)
     tcfg = TrainConfig(editor=EditorConfig(rank=args.rank), sampling=Sampling(loc_per_edit=4))
     torch.manual_seed(0)
-    editor = EditorNet({p.name: p.in_out for p in params}, tcfg.editor).to(device).train()
-    me = MendEditor(model, tok, editor)
+    net = EditorNet({p.name: p.in_out for p in params}, tcfg.editor).to(device).train()
+    editor = MendEditor(model, tok, net)
     stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
     pool = requests(64)
     row = {"model": name, "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
-           "editor_params_m": sum(p.numel() for p in editor.parameters()) / 1e6,
+           "editor_params_m": sum(p.numel() for p in net.parameters()) / 1e6,
            # the key preconditioners: one (in, in) matrix per edited weight (1 GB for GPT-J's fc_out)
-           "editor_buffers_m": sum(b.numel() for b in editor.buffers()) / 1e6,
+           "editor_buffers_m": sum(b.numel() for b in net.buffers()) / 1e6,
            "edited": [p.name for p in params], "build_s": build_s}  # fmt: skip
-    row["fast"] = train_path(me, stack, pool, tcfg, clock, args.steps)
+    row["fast"] = train_path(editor, stack, pool, tcfg, clock, args.steps)
     if args.reference_steps:
-        row["reference"] = train_path(me, None, pool, tcfg, clock, args.reference_steps)
+        row["reference"] = train_path(editor, None, pool, tcfg, clock, args.reference_steps)
         row["speedup"] = row["reference"]["step_s"] / row["fast"]["step_s"]
-    editor.eval()
+    net.eval()
     req = [pool[0]]
     ids = tok(req[0].prompt, return_tensors="pt").to(device)
-    unchecked = MendEditor(model, tok, editor, boost=())
+    unchecked = MendEditor(model, tok, net, boost=())
 
     @torch.no_grad()
     def forward():
@@ -169,7 +169,7 @@ def measure(name, family, overrides, device, dtype, args) -> dict:
 
     row["prompt_tokens"] = ids["input_ids"].shape[1]
     row["forward_s"] = clock.median(forward, args.repeats)
-    row["edit_s"] = clock.median(lambda: me.edit(req).revert(), args.repeats)
+    row["edit_s"] = clock.median(lambda: editor.edit(req).revert(), args.repeats)
     row["unchecked_edit_s"] = clock.median(lambda: unchecked.edit(req).revert(), args.repeats)
     row["unchecked_over_forward"] = row["unchecked_edit_s"] / row["forward_s"]
     k10 = clock.median(lambda: unchecked.edit(pool[:10]).revert(), max(2, args.repeats // 3))

@@ -34,11 +34,10 @@ from mend.baselines import FTEditor
 from mend.checkpoint import load_editor
 from mend.config import EditorConfig, Sampling, TrainConfig
 from mend.data import load_checked
-from mend.data.collate import context_length
 from mend.edit import MendEditor
 from mend.editor import EditorNet
 from mend.files import write_json
-from mend.models import find_editable, load_model
+from mend.models import context_length, find_editable, load_model
 from mend.models.upper import RowCache, UpperStack
 from mend.training.sampling import build_rows, similar_index
 from mend.training.step import edit_step
@@ -70,11 +69,13 @@ def _setup(args, model, tok):
     """Training data, config and a fresh editor bound to the model, the same for every path."""
     model.requires_grad_(False)
     data = load_checked("counterfact-train", tok, context_length(model))[:2000]
-    cfg = TrainConfig(editor=EditorConfig(rank=args.rank), sampling=Sampling(edits_per_step=args.batch))
+    cfg = TrainConfig(
+        editor=EditorConfig(rank=args.rank), sampling=Sampling(edits_per_step=args.batch)
+    )
     params = find_editable(model)
     torch.manual_seed(0)
-    editor = EditorNet({p.name: p.in_out for p in params}, cfg.editor).train()
-    me = MendEditor(model, tok, editor)
+    net = EditorNet({p.name: p.in_out for p in params}, cfg.editor).train()
+    editor = MendEditor(model, tok, net)
     start = UpperStack.first_edited_block(model, [p.name for p in params])
     stacks = {
         "reference": None,
@@ -82,16 +83,16 @@ def _setup(args, model, tok):
         "fast_bf16": UpperStack(model, start, lower_dtype=torch.bfloat16),
         "fast_warm": UpperStack(model, start, RowCache(cfg.speed.row_cache_mb << 20)),
     }
-    return data, cfg, me, stacks, similar_index(data)
+    return data, cfg, editor, stacks, similar_index(data)
 
 
-def _step(data, cfg, me, stack, similar, step: int) -> float:
+def _step(data, cfg, editor, stack, similar, step: int) -> float:
     """One training step (forward, backward) on the batch of `step`; its wall time."""
     rng = random.Random(step)
     reqs = rng.sample(data, cfg.sampling.edits_per_step)
     rows = build_rows(reqs, data, cfg.sampling, rng, similar)
     t = time.perf_counter()
-    loss, _ = edit_step(me, reqs, rows, cfg, stack)
+    loss, _ = edit_step(editor, reqs, rows, cfg, stack)
     loss.backward()
     return time.perf_counter() - t
 
@@ -100,24 +101,24 @@ def _peak_memory(args, mode: str, queue) -> None:
     """Child process: peak resident memory of two training steps of one path."""
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
-    data, cfg, me, stacks, similar = _setup(args, model, tok)
+    data, cfg, editor, stacks, similar = _setup(args, model, tok)
     reset_rss_peak()  # loading the model peaks higher than a step; count from here
     rss_model = rss_peak_mb()
     for step in range(2 if mode != "fast_warm" else 4):
-        _step(data, cfg, me, stacks[mode], similar, step % 2)  # fast_warm: the rows again
+        _step(data, cfg, editor, stacks[mode], similar, step % 2)  # fast_warm: the rows again
     queue.put({"peak_rss_mb": rss_peak_mb(), "rss_model_mb": rss_model})
 
 
 def train_speed(args, model, tok) -> dict:
     """Step time of every path, interleaved step by step in this process (so machine noise
     hits all paths alike), and each path's peak memory from a process of its own."""
-    data, cfg, me, stacks, similar = _setup(args, model, tok)
+    data, cfg, editor, stacks, similar = _setup(args, model, tok)
     for step in range(args.steps + 1):  # fill the row cache of the cached path (untimed)
-        _step(data, cfg, me, stacks["fast_warm"], similar, step)
+        _step(data, cfg, editor, stacks["fast_warm"], similar, step)
     times = {mode: [] for mode in MODES}
     for step in range(args.steps + 1):
         for mode in MODES:
-            t = _step(data, cfg, me, stacks[mode], similar, step)
+            t = _step(data, cfg, editor, stacks[mode], similar, step)
             if step:  # the first step warms up
                 times[mode].append(t)
     out = {}
@@ -225,12 +226,12 @@ def main(argv=None) -> None:
     report["train"] = train_speed(args, model, tok)
     edits = load_checked("counterfact-val", tok, context_length(model), limit=100)
     if args.editor:
-        editor = load_editor(args.editor, model)
+        net = load_editor(args.editor, model)
     else:
         params = find_editable(model)
-        editor = EditorNet({p.name: p.in_out for p in params}, EditorConfig(rank=args.rank))
-    me = MendEditor(model, tok, editor)
-    report["edit"] = edit_speed(args, model, tok, me, edits)
+        net = EditorNet({p.name: p.in_out for p in params}, EditorConfig(rank=args.rank))
+    editor = MendEditor(model, tok, net)
+    report["edit"] = edit_speed(args, model, tok, editor, edits)
     report["ft"] = ft_speed(model, tok, edits[:10])
     report["mend_vs_ft"] = report["ft"]["ft_seconds_median"] / report["edit"]["edit_seconds"]
     print(f"MEND edit is {report['mend_vs_ft']:.1f}x faster than ft")

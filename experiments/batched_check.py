@@ -17,10 +17,9 @@ from compare import fmt_row  # benchmarks/compare.py
 
 from mend.checkpoint import load_editor
 from mend.data import load_checked
-from mend.data.collate import context_length
 from mend.edit import DEFAULT_BOOST, MendEditor
 from mend.evaluate import evaluate
-from mend.models import load_model
+from mend.models import context_length, load_model
 
 SETTINGS = {"unchecked": (), "checked": DEFAULT_BOOST, "checked-to-4": (1.5, 2.0, 3.0, 4.0)}
 
@@ -33,12 +32,12 @@ def main(argv=None) -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[5, 25, 100])
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
-    editor = load_editor(args.editor, model)
+    net = load_editor(args.editor, model)
     data = load_checked("counterfact-val", tok, context_length(model), args.limit)
     shared = {}
     for k in args.ks:
         for name, boost in SETTINGS.items():
-            method = MendEditor(model, tok, editor, boost=boost, check_batches=True)
+            method = MendEditor(model, tok, net, boost=boost, check_batches=True)
             r = evaluate(
                 model, tok, method, data, batch_size=k, unedited=shared, desc=f"k={k} {name}"
             )

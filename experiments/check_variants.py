@@ -23,13 +23,13 @@ from compare import fmt_row  # benchmarks/compare.py
 
 from mend.checkpoint import load_editor
 from mend.data import load_checked
-from mend.data.collate import IGNORE, context_length
+from mend.data.collate import IGNORE
 from mend.edit import MendEditor
 from mend.evaluate import evaluate
 from mend.files import write_json
 from mend.losses import top_gap
 from mend.metrics import rows_all
-from mend.models import load_model
+from mend.models import context_length, load_model
 
 DEFAULT_VARIANTS = [
     "{}",
@@ -75,13 +75,13 @@ def main(argv=None) -> None:
     if args.skip < 0:
         ap.error("--skip must be >= 0")
     model, tok = load_model(args.model)
-    editor = load_editor(args.editor, model)
+    net = load_editor(args.editor, model)
     data = load_checked(args.data, tok, context_length(model), args.skip + args.limit)[args.skip :]
     shared, out = {}, {}
     for text in args.variants:
         kw = json.loads(text)
         boost = tuple(kw.pop("boost", (1.5, 2.0)))
-        method = CheckVariant(model, tok, editor, boost=boost, **kw)
+        method = CheckVariant(model, tok, net, boost=boost, **kw)
         r = evaluate(model, tok, method, data, unedited=shared, desc=text)
         out[text] = r
         print(f"{text:<45} {fmt_row(r)} | {r['edit_seconds_median'] * 1e3:.0f} ms")

@@ -16,12 +16,11 @@ import torch
 
 from mend.checkpoint import load_editor
 from mend.data import load_checked
-from mend.data.collate import context_length
 from mend.data.sources import resolve_data
 from mend.data.text import read_text
 from mend.edit import MendEditor
 from mend.evaluate import perplexity
-from mend.models import load_model
+from mend.models import context_length, load_model
 
 
 def main(argv=None) -> None:
@@ -35,14 +34,14 @@ def main(argv=None) -> None:
     edits = load_checked("counterfact-val", tok, context_length(model), limit=args.n)
     print(f"WikiText perplexity, unedited: {perplexity(model, tok, text, n_windows=2):.2f}")
     for folder in args.editor:
-        me = MendEditor(model, tok, load_editor(folder, model))
-        original = {p.name: p.weight.detach().clone() for p in me.params}
+        editor = MendEditor(model, tok, load_editor(folder, model))
+        original = {p.name: p.weight.detach().clone() for p in editor.params}
         rel, ppl = [], []
         for r in edits:
-            result = me.edit([r])
+            result = editor.edit([r])
             with torch.no_grad():
                 rel.append(max(((p.weight - original[p.name]).norm() / original[p.name].norm()).item()
-                               for p in me.params))  # fmt: skip
+                               for p in editor.params))  # fmt: skip
                 ppl.append(perplexity(model, tok, text, n_windows=2))
             result.revert()
             print(f"{folder}: ||dW||/||W|| {rel[-1]:.3f}  perplexity {ppl[-1]:.2f}  "

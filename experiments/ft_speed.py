@@ -13,8 +13,7 @@ import statistics
 
 from mend.baselines import FTEditor, kl_prompts
 from mend.data import load_checked
-from mend.data.collate import context_length
-from mend.models import load_model
+from mend.models import context_length, load_model
 
 
 def main(argv=None) -> None:

@@ -39,31 +39,33 @@ from compare import fmt_row  # benchmarks/compare.py
 
 from mend.checkpoint import load_editor
 from mend.data import load_checked
-from mend.data.collate import context_length
 from mend.edit import MendEditor
 from mend.evaluate import evaluate
 from mend.files import write_json
 from mend.grads import prompt_keys
-from mend.models import load_model
+from mend.models import context_length, load_model
 from mend.models.forward import scored_logits
 from mend.shield import KeyBank, Shield, known_facts
 
 
 @torch.no_grad()
-def where_lost(me: MendEditor, data) -> dict:
+def where_lost(editor: MendEditor, data) -> dict:
     """Part 1: what happens to each edit's first locality probe."""
     lost = to_target = 0
     gap_lost, gap_kept, rise = [], [], []
     for r in tqdm(data, desc="where locality is lost"):
         probe = r.locality[0]
-        pb, tb = me.batch([(probe.prompt, probe.answer)]), me.batch([(probe.prompt, r.target)])
+        pb, tb = (
+            editor.batch([(probe.prompt, probe.answer)]),
+            editor.batch([(probe.prompt, r.target)]),
+        )
         new_first = int(tb.labels[tb.pos_mask][0])
-        before = scored_logits(me.model, pb)
+        before = scored_logits(editor.model, pb)
         logp = before[0].log_softmax(-1)
         top2 = logp.topk(2).values
-        result = me.edit([r])
+        result = editor.edit([r])
         try:
-            after = scored_logits(me.model, pb)
+            after = scored_logits(editor.model, pb)
         finally:
             result.revert()
         rise.append(float(after[0].log_softmax(-1)[new_first] - logp[new_first]))
@@ -86,28 +88,28 @@ def where_lost(me: MendEditor, data) -> dict:
 
 
 @torch.no_grad()
-def first_answers(me: MendEditor, pairs) -> torch.Tensor:
+def first_answers(editor: MendEditor, pairs) -> torch.Tensor:
     """The argmax at each (prompt, answer) pair's first answer token."""
-    b = me.batch(pairs)
+    b = editor.batch(pairs)
     first = torch.ones_like(b.pos_row, dtype=torch.bool)
     first[1:] = b.pos_row[1:] != b.pos_row[:-1]
-    return scored_logits(me.model, b).argmax(-1)[first]
+    return scored_logits(editor.model, b).argmax(-1)[first]
 
 
-def neighbours(me: MendEditor, bank: KeyBank, facts, data, m: int) -> dict:
+def neighbours(editor: MendEditor, bank: KeyBank, facts, data, m: int) -> dict:
     """Part 3: the m bank facts nearest each edit, under the edit."""
     out = {True: [], False: []}  # own probe kept -> per edit (changed, to new target)
-    ref = next(p for p in me.params if p.name == bank.ref)
+    ref = next(p for p in editor.params if p.name == bank.ref)
     for r in tqdm(data, desc="nearest facts"):
-        b = me.batch([(r.prompt, r.target)])
-        idx = bank.nearest_facts(prompt_keys(me.model, ref, [b]), m)
+        b = editor.batch([(r.prompt, r.target)])
+        idx = bank.nearest_facts(prompt_keys(editor.model, ref, [b]), m)
         probe = r.locality[0]
         pairs = [facts[i] for i in idx.tolist()] + [(probe.prompt, probe.answer)]  # probe last
         new_first = int(b.labels[b.pos_mask][0])
-        before = first_answers(me, pairs)
-        result = me.edit([r])
+        before = first_answers(editor, pairs)
+        result = editor.edit([r])
         try:
-            after = first_answers(me, pairs)
+            after = first_answers(editor, pairs)
         finally:
             result.revert()
         kept = bool(after[-1] == before[-1])
@@ -145,9 +147,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="JSON report (default: EDITOR/locality_probe.json)")
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
-    editor = load_editor(args.editor, model)
+    net = load_editor(args.editor, model)
     data = load_checked(args.data, tok, context_length(model), args.limit)
-    plain = MendEditor(model, tok, editor)
+    plain = MendEditor(model, tok, net)
     report = {}
     if not args.skip_where:
         report["where_lost"] = where_lost(plain, data)
@@ -166,8 +168,8 @@ def main(argv=None) -> None:
         if spec != "off":
             m, beta = spec.split(":")
             shield = Shield(bank, m=int(m), beta=float(beta))
-        me = MendEditor(model, tok, editor, shield=shield)
-        r = evaluate(model, tok, me, data, unedited=shared, desc=spec)
+        editor = MendEditor(model, tok, net, shield=shield)
+        r = evaluate(model, tok, editor, data, unedited=shared, desc=spec)
         report[f"shield {spec}"] = r
         print(f"shield {spec:<8} {fmt_row(r)} | {r['edit_seconds_median'] * 1e3:.0f} ms")
     write_json(args.out or f"{args.editor}/locality_probe.json", report)

@@ -6,7 +6,8 @@ After each step's backward, training checks the gradients are finite, clips them
 Adam step and, with `--ema`, updates the weight average. The old loop was a
 per-tensor finite check, then the clip's norm pass, Adam's per-tensor CPU loop and a
 per-tensor lerp; now the clip's total norm is the finite check, Adam is PyTorch's fused
-kernel (`train.make_optimizer`) and the average one foreach lerp (`train.apply_update`).
+kernel (`training.optim.make_optimizer`) and the average one foreach lerp
+(`training.optim.apply_update`).
 This script builds the editor for SmolLM2-135M's edited weights, shared (8.7M parameters)
 and with `--no-share` (39M), gives both updates the same random gradients, alternates them
 `--updates` times in one process and prints the median milliseconds, their ratio, and how
@@ -24,27 +25,27 @@ import time
 import torch
 
 from mend.config import EditorConfig, TrainConfig
-from mend.editor import Editor
+from mend.editor import EditorNet
 from mend.models import find_editable, load_model
-from mend.train import WeightAverage, apply_update, make_optimizer
+from mend.training.optim import WeightAverage, apply_update, make_optimizer
 
-CLIP = TrainConfig().clip
+CLIP = TrainConfig().schedule.clip
 
 
-def old_update(editor, opt, average) -> None:
+def old_update(net, opt, average) -> None:
     """The update as training ran it before the fused one: per-tensor checks, loop and lerp."""
-    grads = [p.grad for p in editor.parameters() if p.grad is not None]
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
     if all(torch.isfinite(g).all() for g in grads):
-        torch.nn.utils.clip_grad_norm_(editor.parameters(), CLIP)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
         opt.step()
         with torch.no_grad():
             for a, p in zip(average.avg, average.params, strict=True):
                 a.lerp_(p, 0.002)
 
 
-def new_update(editor, opt, average) -> None:
-    """The update `train.train` runs now."""
-    apply_update(editor, opt, average, CLIP)
+def new_update(net, opt, average) -> None:
+    """The update `training.loop.train` runs now."""
+    apply_update(net, opt, average, CLIP)
 
 
 def main(argv=None) -> None:
@@ -61,31 +62,31 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(shapes)} edited matrices"
     )
     for share in (True, False):
-        old_editor = Editor(shapes, EditorConfig(share=share))
-        new_editor = copy.deepcopy(old_editor)
+        old_net = EditorNet(shapes, EditorConfig(share=share))
+        new_net = copy.deepcopy(old_net)
         old_opt = torch.optim.Adam(
-            [{"params": [p for n, p in old_editor.named_parameters() if n != "log_alpha"],
-              "lr": cfg.lr}, {"params": [old_editor.log_alpha], "lr": cfg.alpha_lr}]
+            [{"params": [p for n, p in old_net.named_parameters() if n != "log_alpha"],
+              "lr": cfg.schedule.lr}, {"params": [old_net.log_alpha], "lr": cfg.schedule.alpha_lr}]
         )  # fmt: skip
-        new_opt = make_optimizer(new_editor, cfg)
-        old_avg = WeightAverage(old_editor, 0.998)
-        new_avg = WeightAverage(new_editor, 0.998)
-        n_params = sum(p.numel() for p in old_editor.parameters())
+        new_opt = make_optimizer(new_net, cfg.schedule)
+        old_avg = WeightAverage(old_net, 0.998)
+        new_avg = WeightAverage(new_net, 0.998)
+        n_params = sum(p.numel() for p in old_net.parameters())
         times = {"old": [], "new": []}
         for _ in range(args.updates):
-            for p, q in zip(old_editor.parameters(), new_editor.parameters(), strict=True):
+            for p, q in zip(old_net.parameters(), new_net.parameters(), strict=True):
                 p.grad = torch.randn_like(p) * 1e-3
                 q.grad = p.grad.clone()
-            for name, editor, opt, avg, update in (
-                ("old", old_editor, old_opt, old_avg, old_update),
-                ("new", new_editor, new_opt, new_avg, new_update),
+            for name, net, opt, avg, update in (
+                ("old", old_net, old_opt, old_avg, old_update),
+                ("new", new_net, new_opt, new_avg, new_update),
             ):
                 t = time.perf_counter()
-                update(editor, opt, avg)
+                update(net, opt, avg)
                 times[name].append(time.perf_counter() - t)
         drift = max(
             (p - q).abs().max().item()
-            for p, q in zip(old_editor.parameters(), new_editor.parameters(), strict=True)
+            for p, q in zip(old_net.parameters(), new_net.parameters(), strict=True)
         )
         old_ms, new_ms = (1000 * statistics.median(times[k]) for k in ("old", "new"))
         label = "shared   " if share else "no-share "

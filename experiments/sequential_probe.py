@@ -20,12 +20,11 @@ import torch
 
 from mend.checkpoint import load_editor
 from mend.data import load_checked
-from mend.data.collate import context_length
 from mend.data.sources import resolve_data
 from mend.data.text import read_text
 from mend.edit import DEFAULT_BOOST, MendEditor
 from mend.evaluate import perplexity, score, summarize
-from mend.models import load_model
+from mend.models import context_length, load_model
 
 
 def relative_change(params, before: dict) -> float:
@@ -34,9 +33,9 @@ def relative_change(params, before: dict) -> float:
                    for p in params)  # fmt: skip
 
 
-def trace(model, tok, editor, edits, text, boost, every, anchored=True) -> None:
-    me = MendEditor(model, tok, editor, boost=boost, anchored=anchored)
-    original = {p.name: p.weight.detach().clone() for p in me.params}
+def trace(model, tok, net, edits, text, boost, every, anchored=True) -> None:
+    editor = MendEditor(model, tok, net, boost=boost, anchored=anchored)
+    original = {p.name: p.weight.detach().clone() for p in editor.params}
     # the unedited predictions of each scored prefix, for locality
     base = {n: score(model, tok, edits[:n]) for n in range(every, len(edits) + 1, every)}
     results = []
@@ -45,11 +44,11 @@ def trace(model, tok, editor, edits, text, boost, every, anchored=True) -> None:
     )
     try:
         for i, req in enumerate(edits):
-            before = {p.name: p.weight.detach().clone() for p in me.params}
-            results.append(me.edit([req]))
+            before = {p.name: p.weight.detach().clone() for p in editor.params}
+            results.append(editor.edit([req]))
             own = summarize(score(model, tok, [req])["metrics"])["rewrite_acc"]
-            line = (f"edit {i + 1:>3}: took {own:.0f}  own dW {relative_change(me.params, before):.3f}"
-                    f"  total dW {relative_change(me.params, original):.3f}")  # fmt: skip
+            line = (f"edit {i + 1:>3}: took {own:.0f}  own dW {relative_change(editor.params, before):.3f}"
+                    f"  total dW {relative_change(editor.params, original):.3f}")  # fmt: skip
             if i + 1 in base:
                 now = summarize(score(model, tok, edits[: i + 1], base[i + 1])["metrics"])
                 line += (f"  | all so far: rw {now['rewrite_acc']:.2f} rp {now['rephrase_acc']:.2f}"
@@ -72,11 +71,11 @@ def main(argv=None) -> None:
                     help="each edit's gradient from the edited model (the paper's setting)")  # fmt: skip
     args = ap.parse_args(argv)
     model, tok = load_model(args.model)
-    editor = load_editor(args.editor, model)
+    net = load_editor(args.editor, model)
     text = read_text(resolve_data("wikitext-valid"))
     edits = load_checked("counterfact-val", tok, context_length(model), limit=args.n)
     for boost in args.boost or [list(DEFAULT_BOOST), []]:
-        trace(model, tok, editor, edits, text, tuple(boost), args.every, not args.unanchored)
+        trace(model, tok, net, edits, text, tuple(boost), args.every, not args.unanchored)
 
 
 if __name__ == "__main__":

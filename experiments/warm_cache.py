@@ -2,20 +2,18 @@
 
     python experiments/warm_cache.py > experiments/runs/probes/warm_cache.txt
 
-Trains twice in one process, the same run (first `--records` CounterFact training records,
-`--steps` steps, bf16 lower blocks, validation only at the end): once with `train.warm_rows`
-as `mend train` runs it, once with it switched off, so rows are cached as the steps meet
-them. Prints the wall time of each run (warm-up included), the median step time per epoch, and
-the final validation numbers. Those agree only up to noise: the lower blocks run in bf16, and
-a row's bf16 hidden state depends a little on the batch it ran in, which moves a 300-step run
-by a few of its 64 validation edits (that the math is the same is tested in fp32,
-tests/test_fast_path.py).
+Trains twice in one process, the same run (first `--records` CounterFact training records, `--steps`
+steps, bf16 lower blocks, validation only at the end): once with `training.prepare.warm_rows` as
+`mend train` runs it, once with it switched off, so rows are cached as the steps meet them. Prints
+the wall time of each run (warm-up included), the median step time per epoch, and the final
+validation numbers. Those agree only up to noise: the lower blocks run in bf16, and a row's bf16
+hidden state depends a little on the batch it ran in, which moves a 300-step run by a few of its 64
+validation edits (that the math is the same is tested in fp32, tests/test_fast_path.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import tempfile
@@ -23,28 +21,27 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
-from mend.config import TrainConfig
+from mend.config import Schedule, Speed, TrainConfig
 from mend.data import load_checked
-from mend.data.collate import context_length
-from mend.models import load_model
-
-training = importlib.import_module("mend.train")  # the module (mend.train is also a function)
+from mend.models import context_length, load_model
+from mend.training import loop
+from mend.training.logs import LOG_FILE
 
 
 def run(model, tok, data, val, cfg, warm: bool) -> dict:
-    saved = training.warm_rows
+    saved = loop.warm_rows  # the loop's own name for it is the one to switch off
     if not warm:
-        training.warm_rows = lambda *a, **k: False
+        loop.warm_rows = lambda *a, **k: False
     try:
         with tempfile.TemporaryDirectory() as out:
             t = time.perf_counter()
-            summary = training.train(model, tok, data, val, cfg, out, progress=False)
+            summary = loop.train(model, tok, data, val, cfg, out, progress=False)
             wall = time.perf_counter() - t
-            lines = (Path(out) / training.LOG_FILE).read_text().splitlines()
+            lines = (Path(out) / LOG_FILE).read_text().splitlines()
     finally:
-        training.warm_rows = saved
+        loop.warm_rows = saved
     seconds = [x["seconds"] for x in map(json.loads, lines) if "seconds" in x]
-    per_epoch = len(data) // cfg.batch_size
+    per_epoch = len(data) // cfg.sampling.edits_per_step
     gaps = [b - a for a, b in pairwise(seconds)]  # gaps[k]: the time of step k + 2
     epochs = [statistics.median(gaps[e : e + per_epoch]) for e in range(0, len(gaps), per_epoch)]
     return {"wall": wall, "epochs": epochs, "first_step_at": seconds[0], "val": summary["best_val"]}
@@ -59,9 +56,10 @@ def main(argv=None) -> None:
     model, tok = load_model(args.model)
     data = load_checked("counterfact-train", tok, context_length(model), args.records + 64)
     data, val = data[: args.records], data[args.records :]
-    cfg = TrainConfig(max_steps=args.steps, val_every=args.steps, val_edits=len(val),
-                      lower_precision="bf16")  # fmt: skip
-    print(f"{args.records} records ({args.records // cfg.batch_size} steps an epoch), "
+    cfg = TrainConfig(schedule=Schedule(max_steps=args.steps, val_every=args.steps,
+                                        val_edits=len(val)),
+                      speed=Speed(lower_precision="bf16"))  # fmt: skip
+    print(f"{args.records} records ({args.records // cfg.sampling.edits_per_step} steps an epoch), "
           f"{args.steps} steps, {len(val)} validation edits")  # fmt: skip
     results = {warm: run(model, tok, data, val, cfg, warm) for warm in (True, False)}
     for warm, r in results.items():

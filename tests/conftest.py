@@ -86,8 +86,8 @@ def tiny_mend(tokenizer, cls=None, **kw):
 
     model = tiny_model("llama", len(tokenizer))
     shapes = {p.name: p.in_out for p in find_editable(model)}
-    editor = EditorNet(shapes, EditorConfig(rank=8, init_alpha=0.05))
-    return (cls or MendEditor)(model, tokenizer, editor, **kw)
+    net = EditorNet(shapes, EditorConfig(rank=8, init_alpha=0.05))
+    return (cls or MendEditor)(model, tokenizer, net, **kw)
 
 
 def fact_requests(n: int, seed: int = 0) -> list[EditRequest]:

@@ -45,27 +45,27 @@ def _llama_variant(vocab: int, seed: int = 0, **changes):
 def _trained_looking_editor(model, tok, seed: int = 3) -> MendEditor:
     """An editor away from its identity init, with running-norm statistics from real tokens."""
     params = find_editable(model)
-    editor = EditorNet({p.name: p.in_out for p in params}, EditorConfig(rank=8, init_alpha=0.1))
+    net = EditorNet({p.name: p.in_out for p in params}, EditorConfig(rank=8, init_alpha=0.1))
     torch.manual_seed(seed)
     with torch.no_grad():
-        for prm in editor.parameters():
+        for prm in net.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
-    me = MendEditor(model, tok, editor)
+    editor = MendEditor(model, tok, net)
     texts = [(r.prompt, r.target) for r in fact_requests(12, seed=4)]
-    editor.set_key_moments(key_moments(model, me.params, [me.batch(texts)]))
-    editor.train()
+    net.set_key_moments(key_moments(model, editor.params, [editor.batch(texts)]))
+    net.train()
     with torch.no_grad():
-        me.factors(me.batch([(r.prompt, r.target) for r in fact_requests(6, seed=5)]))
-    editor.eval()
-    return me
+        editor.factors(editor.batch([(r.prompt, r.target) for r in fact_requests(6, seed=5)]))
+    net.eval()
+    return editor
 
 
-def _save(folder: Path, me: MendEditor) -> None:
-    save_editor(folder, me.net, model_identity(me.model, me.net.names))
+def _save(folder: Path, editor: MendEditor) -> None:
+    save_editor(folder, editor.net, model_identity(editor.model, editor.net.names))
 
 
-def _deltas(me: MendEditor, reqs) -> dict[str, torch.Tensor]:
-    result = me.edit(reqs)
+def _deltas(editor: MendEditor, reqs) -> dict[str, torch.Tensor]:
+    result = editor.edit(reqs)
     out = {k: v.clone() for k, v in result.deltas.items()}
     result.revert()
     return out
@@ -74,26 +74,26 @@ def _deltas(me: MendEditor, reqs) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def setup(tok, tmp_path_factory):
     model = tiny_model("llama", len(tok))
-    me = _trained_looking_editor(model, tok)
+    editor = _trained_looking_editor(model, tok)
     folder = tmp_path_factory.mktemp("editor")
-    _save(folder, me)
-    return model, me, folder
+    _save(folder, editor)
+    return model, editor, folder
 
 
 # --------------------------------------------------------------------------- round trip
 
 
 def test_round_trip_gives_bit_identical_edits(setup, tok):
-    model, me, folder = setup
+    model, editor, folder = setup
     # The state is non-trivial: statistics were gathered, parameters are off their init.
-    for net in me.net.nets.values():
+    for net in editor.net.nets.values():
         assert (net.norm_u.count >= 2).all() and (net.norm_d.count >= 2).all()
         assert net.norm_u.m2.abs().sum() > 0
     loaded = load_editor(folder, model)
     assert loaded.training is False
-    assert loaded.names == me.net.names  # order matters: it indexes log_alpha
-    assert loaded.cfg == me.net.cfg
-    saved, got = me.net.state_dict(), loaded.state_dict()
+    assert loaded.names == editor.net.names  # order matters: it indexes log_alpha
+    assert loaded.cfg == editor.net.cfg
+    saved, got = editor.net.state_dict(), loaded.state_dict()
     assert saved.keys() == got.keys()
     for k in saved:
         assert got[k].dtype == saved[k].dtype, k  # float64 statistics stay float64
@@ -101,9 +101,9 @@ def test_round_trip_gives_bit_identical_edits(setup, tok):
 
     reqs = fact_requests(3, seed=9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    original = _deltas(me, reqs)
+    original = _deltas(editor, reqs)
     reloaded = _deltas(MendEditor(model, tok, loaded), reqs)
-    assert original.keys() == reloaded.keys() == set(me.net.names)
+    assert original.keys() == reloaded.keys() == set(editor.net.names)
     for name in original:
         assert original[name].abs().max() > 0
         assert torch.equal(original[name], reloaded[name]), name
@@ -111,7 +111,7 @@ def test_round_trip_gives_bit_identical_edits(setup, tok):
         assert torch.equal(v, before[k]), k  # both edits were reverted exactly
 
     # The key preconditioners were saved: not the identity they start as.
-    p0 = loaded.preconditioner(name=me.net.names[0])
+    p0 = loaded.preconditioner(name=editor.net.names[0])
     assert not torch.allclose(p0, torch.eye(len(p0)))
 
     # The statistics matter: the same editor without them edits differently.
@@ -120,12 +120,12 @@ def test_round_trip_gives_bit_identical_edits(setup, tok):
         net.norm_u.count.zero_()
         net.norm_d.count.zero_()
     no_stats = _deltas(MendEditor(model, tok, blank), reqs)
-    name = me.net.names[0]
+    name = editor.net.names[0]
     assert not torch.allclose(no_stats[name], original[name])
 
 
 def test_config_records_model_identity_and_checksum(setup):
-    model, me, folder = setup
+    model, editor, folder = setup
     config = read_config(folder)
     assert config["format"] == "mend-editor-v1"
     assert config["model"]["model_type"] == "llama"
@@ -178,9 +178,9 @@ def test_refuses_another_family(setup, tok):
 
 @pytest.fixture
 def ckpt(setup, tmp_path):
-    _, me, _ = setup
+    _, editor, _ = setup
     folder = tmp_path / "ckpt"
-    _save(folder, me)
+    _save(folder, editor)
     return folder
 
 
@@ -249,8 +249,8 @@ def test_missing_files(setup, ckpt, tmp_path):
 
 
 def test_atomic_writes_leave_no_temp_files(setup, ckpt, monkeypatch):
-    model, me, _ = setup
-    _save(ckpt, me)  # overwrite in place
+    model, editor, _ = setup
+    _save(ckpt, editor)  # overwrite in place
     assert sorted(p.name for p in ckpt.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     good = {p.name: p.read_bytes() for p in ckpt.iterdir()}
 
@@ -260,7 +260,7 @@ def test_atomic_writes_leave_no_temp_files(setup, ckpt, monkeypatch):
 
     monkeypatch.setattr(mend.checkpoint, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
-        _save(ckpt, me)
+        _save(ckpt, editor)
     # The failed write left neither a temp file nor a damaged checkpoint.
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == good
     load_editor(ckpt, model)
@@ -287,15 +287,15 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
 
 
 def test_save_delta_and_apply_delta_reproduce_the_edit(setup, tok, tmp_path):
-    model, me, _ = setup
+    model, editor, _ = setup
     fresh = tiny_model("llama", len(tok))  # same seed: the same weights as `model`
     pristine = {k: v.clone() for k, v in fresh.state_dict().items()}
     for k, v in model.state_dict().items():
         assert torch.equal(v, pristine[k]), k
 
-    result = me.edit(fact_requests(2, seed=11))
+    result = editor.edit(fact_requests(2, seed=11))
     try:
-        edited = {n: me.model.get_submodule(n).weight.detach().clone() for n in result.deltas}
+        edited = {n: editor.model.get_submodule(n).weight.detach().clone() for n in result.deltas}
         out = tmp_path / "deltas" / "d.safetensors"
         result.save_delta(out)
     finally:
@@ -303,7 +303,7 @@ def test_save_delta_and_apply_delta_reproduce_the_edit(setup, tok, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["d.safetensors"]
 
     applied = apply_delta(fresh, out)
-    assert set(applied.deltas) == set(me.net.names)
+    assert set(applied.deltas) == set(editor.net.names)
     for name, weight in edited.items():
         now = fresh.get_submodule(name).weight
         assert not torch.equal(now, pristine[name + ".weight"])
@@ -314,8 +314,8 @@ def test_save_delta_and_apply_delta_reproduce_the_edit(setup, tok, tmp_path):
 
 
 def test_apply_delta_refuses_other_models_and_bad_files(setup, tok, tmp_path):
-    model, me, _ = setup
-    result = me.edit(fact_requests(1))
+    model, editor, _ = setup
+    result = editor.edit(fact_requests(1))
     try:
         result.save_delta(tmp_path / "d.safetensors")
     finally:
@@ -332,10 +332,10 @@ def test_apply_delta_refuses_other_models_and_bad_files(setup, tok, tmp_path):
 
 
 def test_save_pretrained_writes_a_loadable_edited_model(setup, tok, tmp_path):
-    model, me, _ = setup
+    model, editor, _ = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    probe = me.batch([(r.rephrases[0], r.target) for r in fact_requests(2, seed=11)])
-    result = me.edit(fact_requests(2, seed=11))
+    probe = editor.batch([(r.rephrases[0], r.target) for r in fact_requests(2, seed=11)])
+    result = editor.edit(fact_requests(2, seed=11))
     try:
         edited = {k: v.clone() for k, v in model.state_dict().items()}
         with torch.no_grad():
@@ -354,7 +354,7 @@ def test_save_pretrained_writes_a_loadable_edited_model(setup, tok, tmp_path):
         == tok("The colour loved by Alice is")["input_ids"]
     )
     loaded = m2.state_dict()
-    for name in me.net.names:
+    for name in editor.net.names:
         key = name + ".weight"
         assert not torch.equal(edited[key], before[key])
         assert torch.equal(loaded[key], edited[key]), key

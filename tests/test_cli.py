@@ -67,8 +67,8 @@ def trained(env):
     out = env["root"] / "editor"
     code = main(
         ["train", "--model", env["model"], "--data", env["data"], "--out", str(out),
-         "--max-steps", "6", "--val-every", "3", "--rank", "8", "--batch-size", "2",
-         "--grad-accum", "1", "--threads", "1"]
+         "--max-steps", "6", "--set", "schedule.val_every=3", "--rank", "8", "--edits-per-step", "2",
+         "--threads", "1"]
     )  # fmt: skip
     assert code == 0
     return out
@@ -128,7 +128,7 @@ def test_fit_shared_refits_an_editor_in_place_and_batched_eval_uses_it(env, trai
     assert json.loads(report.read_text())["n_edits"] == 3
 
 
-def test_fit_shield_stores_a_bank_that_eval_and_edit_shield_with(env, trained, tmp_path, capsys):
+def test_build_shield_stores_a_bank_that_eval_and_edit_shield_with(env, trained, tmp_path, capsys):
     import shutil
 
     import torch
@@ -139,7 +139,7 @@ def test_fit_shield_stores_a_bank_that_eval_and_edit_shield_with(env, trained, t
     plain_out, shielded_out = tmp_path / "plain", tmp_path / "shielded"
     assert main(_edit_argv(env, editor, plain_out, env["records"][0]["prompt"])) == 0
     _fails(capsys, _eval_argv(env, editor, tmp_path / "r.json") + ["--shield", "1"], "no key bank")
-    argv = ["fit-shield", "--model", env["model"], "--editor", str(editor), "--data", env["data"],
+    argv = ["build-shield", "--model", env["model"], "--editor", str(editor), "--data", env["data"],
             "--limit", "20", "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
     assert "key bank of 20 facts" in capsys.readouterr().out
@@ -244,11 +244,11 @@ def test_unshared_editor_trains_saves_and_edits(env, tmp_path, capsys):
     from mend.checkpoint import load_editor
 
     out = tmp_path / "run"
-    assert main(_train_argv(env, out, None, "--no-share")) == 0
+    assert main(_train_argv(env, out, None, "--set", "editor.share=false")) == 0
     assert json.loads((out / "editor_config.json").read_text())["editor"]["share"] is False
     base, _ = load_model(env["model"])
-    editor = load_editor(out, base)
-    assert sorted(editor.nets) == [f"m{i}" for i in range(len(editor.names))]  # one per matrix
+    net = load_editor(out, base)
+    assert sorted(net.nets) == [f"m{i}" for i in range(len(net.names))]  # one per matrix
     capsys.readouterr()
     assert main(_edit_argv(env, out, tmp_path)) == 0
     assert "after:  '" in capsys.readouterr().out
@@ -490,12 +490,12 @@ def test_edit_non_finite_editor(env, trained, tmp_path, capsys):
     from mend.checkpoint import load_editor, model_identity, save_editor
     from mend.models import load_model
 
-    editor = load_editor(trained)
+    net = load_editor(trained)
     with torch.no_grad():
-        editor.log_alpha.fill_(float("inf"))
+        net.log_alpha.fill_(float("inf"))
     model, _ = load_model(env["model"])
     bad = tmp_path / "nan-editor"
-    save_editor(bad, editor, model_identity(model, editor.names))
+    save_editor(bad, net, model_identity(model, net.names))
     assert torch.isinf(load_file(str(bad / WEIGHTS_FILE))["log_alpha"]).all()
     out = tmp_path / "out"
     argv = ["edit", "--model", env["model"], "--editor", str(bad), "--prompt", PROMPT,
@@ -522,5 +522,5 @@ def test_editor_fp32_flag_keeps_edits_off_bf16(env, trained, tmp_path, flag, bf1
 
     args = _parser().parse_args(_edit_argv(env, trained, tmp_path) + flag)
     model, tok = load_model(args.model)
-    me = _mend_editor(args, model, tok)
-    assert me.editor_bf16 is (bf16_is_fast(me.device) if bf16 is None else bf16)
+    editor = _mend_editor(args, model, tok)
+    assert editor.editor_bf16 is (bf16_is_fast(editor.device) if bf16 is None else bf16)

@@ -94,7 +94,9 @@ def test_forcing_bf16_where_it_is_slow_warns(tmp_path, monkeypatch, caplog):
         model, _ = load.load_model(str(tmp_path / "m"), dtype="bf16")
         slow = TrainConfig().override("speed.lower_precision", "bf16")
         stack = loop._upper_stack(model, ["model.layers.3.mlp.down_proj"], slow, model.device)
-        auto = loop._upper_stack(model, ["model.layers.3.mlp.down_proj"], TrainConfig(), model.device)
+        auto = loop._upper_stack(
+            model, ["model.layers.3.mlp.down_proj"], TrainConfig(), model.device
+        )
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("bf16" in w and "slower" in w for w in warnings if "has no fast bf16" in w)
     assert len([w for w in warnings if "no fast bf16" in w]) == 2  # the model, the forced pass

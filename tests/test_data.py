@@ -10,10 +10,10 @@ from conftest import make_tokenizer, tiny_model
 from tokenizers import normalizers
 
 from mend.data import check_requests, encode, load_checked, load_requests, make_batch
-from mend.data.collate import IGNORE, context_length
+from mend.data.collate import IGNORE
 from mend.data.sources import resolve_data
 from mend.errors import MendError
-from mend.models import find_editable
+from mend.models import context_length, find_editable
 from mend.types import EditRequest, Probe
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -22,21 +22,21 @@ from mend.models.forward import scored_logits
 def _editor_for(model, tokenizer, boost=(), **kw) -> MendEditor:
     """An identity-initialised editor; `boost` off by default, so edits are MEND's change as is."""
     params = find_editable(model)
-    editor = EditorNet({p.name: p.in_out for p in params}, EditorConfig(rank=16, **kw))
-    return MendEditor(model, tokenizer, editor, boost=boost)
+    net = EditorNet({p.name: p.in_out for p in params}, EditorConfig(rank=16, **kw))
+    return MendEditor(model, tokenizer, net, boost=boost)
 
 
 def test_captured_factors_reproduce_autograd_weight_gradient(family_model, tokenizer):
     model = family_model
-    me = _editor_for(model, tokenizer)
-    batch = me.batch([(r.prompt, r.target) for r in fact_requests(3)])
-    captured, _ = capture(model, me.params, batch, lambda lg: edit_loss(lg, batch))
+    editor = _editor_for(model, tokenizer)
+    batch = editor.batch([(r.prompt, r.target) for r in fact_requests(3)])
+    captured, _ = capture(model, editor.params, batch, lambda lg: edit_loss(lg, batch))
 
-    for p in me.params:
+    for p in editor.params:
         p.weight.requires_grad_(True)
     model.zero_grad()
     edit_loss(scored_logits(model, batch), batch).backward()
-    for p in me.params:
+    for p in editor.params:
         u, delta = captured[p.name]  # (R, S, in), (R, S, out)
         u2, d2 = u.reshape(-1, u.shape[-1]), delta.reshape(-1, delta.shape[-1])
         # Conv1D stores (in, out): the sum of outer products must come out transposed.
@@ -48,19 +48,19 @@ def test_captured_factors_reproduce_autograd_weight_gradient(family_model, token
 
 def test_identity_editor_at_init_is_a_plain_gradient_step(family_model, tokenizer):
     model = family_model
-    me = _editor_for(model, tokenizer, init_alpha=1e-2)
+    editor = _editor_for(model, tokenizer, init_alpha=1e-2)
     req = fact_requests(2)
-    batch = me.batch([(r.prompt, r.target) for r in req])
-    for p in me.params:
+    batch = editor.batch([(r.prompt, r.target) for r in req])
+    for p in editor.params:
         p.weight.requires_grad_(True)
     edit_loss(scored_logits(model, batch), batch).backward()
-    expected = {p.name: p.weight.detach() - 1e-2 * p.weight.grad for p in me.params}
-    for p in me.params:
+    expected = {p.name: p.weight.detach() - 1e-2 * p.weight.grad for p in editor.params}
+    for p in editor.params:
         p.weight.requires_grad_(False)
         p.weight.grad = None
 
-    result = me.edit(req)
-    for p in me.params:
+    result = editor.edit(req)
+    for p in editor.params:
         torch.testing.assert_close(p.weight.detach(), expected[p.name], rtol=1e-5, atol=1e-7)
     result.revert()
 
@@ -72,21 +72,23 @@ def test_functional_and_in_place_edits_give_the_same_logits(
     # A functional edit applies (x u^T) d, or x Delta W for large batched edits.
     monkeypatch.setattr("mend.edit._dense_is_cheaper", lambda *shape: dense)
     model = family_model
-    me = _editor_for(model, tokenizer, init_alpha=0.5)
+    editor = _editor_for(model, tokenizer, init_alpha=0.5)
     # Perturb the editor away from identity so the test exercises the network too.
     torch.manual_seed(1)
     with torch.no_grad():
-        for prm in me.net.parameters():
+        for prm in editor.net.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
-    me.net.eval()
+    editor.net.eval()
     reqs = fact_requests(3)
-    probe = me.batch([(r.rephrases[0], r.target) for r in reqs])
+    probe = editor.batch([(r.rephrases[0], r.target) for r in reqs])
     with torch.no_grad():
         before = scored_logits(model, probe)
-        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), batch_size=None)
-        with me.applied(factors):
+        factors = editor.factors(
+            editor.batch([(r.prompt, r.target) for r in reqs]), batch_size=None
+        )
+        with editor.applied(factors):
             functional = scored_logits(model, probe)
-    result = me.edit(reqs)
+    result = editor.edit(reqs)
     with torch.no_grad():
         in_place = scored_logits(model, probe)
     result.revert()
@@ -96,11 +98,11 @@ def test_functional_and_in_place_edits_give_the_same_logits(
 
 def test_revert_restores_bit_identical_weights(family_model, tokenizer):
     model = family_model
-    me = _editor_for(model, tokenizer, init_alpha=0.1)
+    editor = _editor_for(model, tokenizer, init_alpha=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = me.edit(fact_requests(4))
+    result = editor.edit(fact_requests(4))
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    assert len(changed) == len(me.params)
+    assert len(changed) == len(editor.params)
     result.revert()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -110,24 +112,24 @@ def test_edits_reuse_reverted_tensors_and_stack_revert_in_order(tokenizer):
     from conftest import tiny_model
 
     model = tiny_model("gpt2", len(tokenizer))  # Conv1D: the transposed layout
-    me = _editor_for(model, tokenizer, init_alpha=0.1)
-    before = {p.name: p.weight.detach().clone() for p in me.params}
-    a = me.edit(fact_requests(2, seed=1))
-    first = {p.name: (p.weight.data_ptr(), p.weight.detach().clone()) for p in me.params}
-    for p in me.params:  # the applied change is W + Delta W, Delta W = result.deltas
+    editor = _editor_for(model, tokenizer, init_alpha=0.1)
+    before = {p.name: p.weight.detach().clone() for p in editor.params}
+    a = editor.edit(fact_requests(2, seed=1))
+    first = {p.name: (p.weight.data_ptr(), p.weight.detach().clone()) for p in editor.params}
+    for p in editor.params:  # the applied change is W + Delta W, Delta W = result.deltas
         torch.testing.assert_close(p.weight, before[p.name] + a.deltas[p.name], rtol=0, atol=1e-6)
     a.revert()
-    again = me.edit(fact_requests(2, seed=1))  # the same edit, into the spare tensors
-    for p in me.params:
+    again = editor.edit(fact_requests(2, seed=1))  # the same edit, into the spare tensors
+    for p in editor.params:
         ptr, weight = first[p.name]
         assert p.weight.data_ptr() == ptr  # no new allocation
         assert torch.equal(p.weight, weight)  # and the same result
-    b = me.edit(fact_requests(2, seed=2))  # a second edit on top of the first
+    b = editor.edit(fact_requests(2, seed=2))  # a second edit on top of the first
     b.revert()
-    for p in me.params:
+    for p in editor.params:
         assert torch.equal(p.weight, first[p.name][1])
     again.revert()
-    for p in me.params:
+    for p in editor.params:
         assert torch.equal(p.weight, before[p.name])
 
 
@@ -135,20 +137,20 @@ def test_per_row_groups_equal_separate_single_edits(tokenizer):
     from conftest import tiny_model
 
     model = tiny_model("llama", len(tokenizer))
-    me = _editor_for(model, tokenizer, init_alpha=0.3)
-    me.net.eval()
+    editor = _editor_for(model, tokenizer, init_alpha=0.3)
+    editor.net.eval()
     reqs = fact_requests(3)
     probe_pairs = [(r.rephrases[0], r.target) for r in reqs]
     with torch.no_grad():
-        factors = me.factors(me.batch([(r.prompt, r.target) for r in reqs]), batch_size=1)
-        together = me.batch(probe_pairs)
-        with me.applied(factors, together.group):
+        factors = editor.factors(editor.batch([(r.prompt, r.target) for r in reqs]), batch_size=1)
+        together = editor.batch(probe_pairs)
+        with editor.applied(factors, together.group):
             side_by_side = scored_logits(model, together)
         singles = []
         for i, r in enumerate(reqs):
-            f_i = me.factors(me.batch([(r.prompt, r.target)]), batch_size=None)
-            with me.applied(f_i):
-                singles.append(scored_logits(model, me.batch([probe_pairs[i]])))
+            f_i = editor.factors(editor.batch([(r.prompt, r.target)]), batch_size=None)
+            with editor.applied(f_i):
+                singles.append(scored_logits(model, editor.batch([probe_pairs[i]])))
     torch.testing.assert_close(side_by_side, torch.cat(singles), rtol=1e-4, atol=1e-5)
 
 
@@ -159,18 +161,20 @@ def test_non_finite_edit_is_refused_and_leaves_weights_alone(tokenizer, broken):
     from mend.errors import MendError
 
     model = tiny_model("gpt2", len(tokenizer))
-    me = _editor_for(model, tokenizer)
+    editor = _editor_for(model, tokenizer)
     with torch.no_grad():
         if broken == "nan-net":
-            next(iter(me.net.nets.values())).blocks[0].up.weight.fill_(float("nan"))
+            next(iter(editor.net.nets.values())).blocks[0].up.weight.fill_(float("nan"))
         else:  # alpha itself is finite (1.6e38); alpha * u^T delta is not
-            me.net.log_alpha.fill_(88.0)
-            assert torch.isfinite(me.net.log_alpha.exp()).all()
-            factors = me.factors(me.batch([(fact_requests(1)[0].prompt, "x")]), batch_size=None)
-            assert not all(torch.isfinite(d).all() for d in me.weight_deltas(factors).values())
+            editor.net.log_alpha.fill_(88.0)
+            assert torch.isfinite(editor.net.log_alpha.exp()).all()
+            factors = editor.factors(
+                editor.batch([(fact_requests(1)[0].prompt, "x")]), batch_size=None
+            )
+            assert not all(torch.isfinite(d).all() for d in editor.weight_deltas(factors).values())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(MendError, match="not finite"):
-        me.edit(fact_requests(1))
+        editor.edit(fact_requests(1))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -220,19 +224,19 @@ def test_key_preconditioner_is_the_ridge_inverse_and_interferes_less(tokenizer):
 def test_the_edit_check_on_the_upper_blocks_matches_a_full_forward(family_model, tokenizer):
     """`edit()` captures gradients and checks its targets rerunning only the edited blocks."""
     model = family_model
-    me = _editor_for(model, tokenizer, init_alpha=0.05)
-    batch = me.batch([(r.prompt, r.target) for r in fact_requests(3)])
+    editor = _editor_for(model, tokenizer, init_alpha=0.05)
+    batch = editor.batch([(r.prompt, r.target) for r in fact_requests(3)])
     with torch.no_grad():
-        captured, prepared = me._capture(batch)
-        plain, _ = capture(model, me.params, batch, lambda lg: edit_loss(lg, batch))
+        captured, prepared = editor._capture(batch)
+        plain, _ = capture(model, editor.params, batch, lambda lg: edit_loss(lg, batch))
         for name, (u, delta) in plain.items():
             torch.testing.assert_close(captured[name][0], u)
             torch.testing.assert_close(captured[name][1], delta, rtol=1e-5, atol=1e-8)
-        factors = me.factors(batch, batch_size=None, captured=captured)
+        factors = editor.factors(batch, batch_size=None, captured=captured)
         unedited = scored_logits(model, batch)
-        with me.applied(factors):
+        with editor.applied(factors):
             full = scored_logits(model, batch)
-            upper = me._stack.logits(prepared)
+            upper = editor._stack.logits(prepared)
     assert (full - unedited).abs().max() > 1e-3
     torch.testing.assert_close(upper, full, rtol=1e-4, atol=1e-5)
     # the check (upper blocks, bf16 head with exact near-ties) decides as a full fp32 forward;
@@ -246,26 +250,26 @@ def test_the_edit_check_on_the_upper_blocks_matches_a_full_forward(family_model,
     for s in (0.0, 1.0, 4.0, 16.0, 64.0):
         scaled = {n: (u * s, d) for n, (u, d) in factors.items()}
         with torch.no_grad():
-            quick = me.reaches_target(scaled, batch, prepared)
-            assert torch.equal(quick, me.reaches_target(scaled, batch))
+            quick = editor.reaches_target(scaled, batch, prepared)
+            assert torch.equal(quick, editor.reaches_target(scaled, batch))
         seen += quick.tolist()
     assert True in seen and False in seen
 
 
-def _delta_of(me: MendEditor, reqs) -> dict[str, torch.Tensor]:
-    before = {p.name: p.weight.detach().clone() for p in me.params}
-    result = me.edit(reqs)
-    delta = {p.name: p.weight.detach() - before[p.name] for p in me.params}
+def _delta_of(editor: MendEditor, reqs) -> dict[str, torch.Tensor]:
+    before = {p.name: p.weight.detach().clone() for p in editor.params}
+    result = editor.edit(reqs)
+    delta = {p.name: p.weight.detach() - before[p.name] for p in editor.params}
     result.revert()
     return delta
 
 
-def _reaches_at(me: MendEditor, batch, scales) -> list[bool]:
-    """Whether me's plain change, scaled by each of `scales`, makes the target the argmax."""
+def _reaches_at(editor: MendEditor, batch, scales) -> list[bool]:
+    """Whether the editor's plain change, scaled by each of `scales`, makes the target the argmax."""
     with torch.no_grad():  # (in training mode: sets the normalisers' running statistics)
-        factors = me.factors(batch, batch_size=None)
+        factors = editor.factors(batch, batch_size=None)
         return [
-            bool(me.reaches_target({n: (u * s, d) for n, (u, d) in factors.items()}, batch))
+            bool(editor.reaches_target({n: (u * s, d) for n, (u, d) in factors.items()}, batch))
             for s in scales
         ]
 
@@ -280,8 +284,8 @@ def test_boost_scales_a_missed_request_by_the_first_scale_that_reaches_its_targe
     boosted = MendEditor(model, tokenizer, plain.net, boost=(2, 4, 8))
     base, more = _delta_of(plain, req), _delta_of(boosted, req)
     scales = []
-    for me in (boosted, plain):
-        result = me.edit(req)
+    for editor in (boosted, plain):
+        result = editor.edit(req)
         result.revert()
         scales.append(result.scales)
     assert scales == [[4.0], None]  # (an unchecked edit has none)
@@ -324,10 +328,10 @@ def test_check_start_scales_the_first_try_and_the_fallback(tokenizer):
     base = _delta_of(plain, req)
 
     def edited(start, boost):
-        me = MendEditor(model, tokenizer, plain.net, boost=boost, start=start)
-        result = me.edit(req)
+        editor = MendEditor(model, tokenizer, plain.net, boost=boost, start=start)
+        result = editor.edit(req)
         result.revert()
-        return result.scales, _delta_of(me, req)
+        return result.scales, _delta_of(editor, req)
 
     for start, boost, want in ((0.5, (1, 4), 4.0), (0.5, (1, 2), 0.5), (0.9, (2,), 0.9)):
         scales, delta = edited(start, boost)
@@ -448,13 +452,13 @@ def test_fit_shared_finds_the_mean_edit_and_batches_count_it_once(tokenizer, tmp
     from mend.edit import fit_shared
 
     model = tiny_model("llama", len(tokenizer))
-    me = _editor_for(model, tokenizer, init_alpha=0.3)
+    editor = _editor_for(model, tokenizer, init_alpha=0.3)
     reqs = fact_requests(6)
-    single, batched = _delta_of(me, reqs[:1]), _delta_of(me, reqs[3:6])
+    single, batched = _delta_of(editor, reqs[:1]), _delta_of(editor, reqs[3:6])
     # the mean single-edit change over the fitting edits, computed independently
-    mean = {n: sum(_delta_of(me, [r])[n] for r in reqs[:3]) / 3 for n in single}
+    mean = {n: sum(_delta_of(editor, [r])[n] for r in reqs[:3]) / 3 for n in single}
 
-    bases = fit_shared(me, reqs[:3], rank=2)
+    bases = fit_shared(editor, reqs[:3], rank=2)
     for name, (a, b) in bases.items():  # llama weights are (out, in): no transpose
         torch.testing.assert_close(a.T @ a, torch.eye(2), atol=1e-5, rtol=0)
         torch.testing.assert_close(b.T @ b, torch.eye(2), atol=1e-5, rtol=0)
@@ -463,9 +467,9 @@ def test_fit_shared_finds_the_mean_edit_and_batches_count_it_once(tokenizer, tmp
         assert abs(float(b[:, 0] @ top_right[0])) > 0.999
 
     # a single edit is unchanged; a batch of 3 keeps a third of its shared part
-    after = _delta_of(me, reqs[:1])
+    after = _delta_of(editor, reqs[:1])
     assert all(torch.equal(after[n], single[n]) for n in single)
-    now = _delta_of(me, reqs[3:6])
+    now = _delta_of(editor, reqs[3:6])
     for name, (a, b) in bases.items():
         dw = batched[name]
         expected = dw - (2 / 3) * a @ (a.T @ dw @ b) @ b.T
@@ -474,7 +478,7 @@ def test_fit_shared_finds_the_mean_edit_and_batches_count_it_once(tokenizer, tmp
         assert (a.T @ now[name] @ b).norm() == pytest.approx(float(shared_before) / 3, rel=1e-3)
 
     # the bases travel with the checkpoint
-    save_editor(tmp_path, me.net, model_identity(model, me.net.names))
+    save_editor(tmp_path, editor.net, model_identity(model, editor.net.names))
     again = MendEditor(model, tokenizer, load_editor(tmp_path, model), boost=())
     assert again.net.cfg.shared_rank == 2
     reloaded = _delta_of(again, reqs[3:6])
@@ -487,46 +491,46 @@ def test_anchored_edits_take_their_gradient_from_the_anchor_and_add_no_second_sh
     from mend.edit import fit_shared
 
     model = tiny_model("llama", len(tokenizer))
-    me = _editor_for(model, tokenizer, init_alpha=0.3)
+    editor = _editor_for(model, tokenizer, init_alpha=0.3)
     reqs = fact_requests(5)
-    bases = fit_shared(me, reqs[2:5], rank=2)
-    originals = {p.name: p.weight.detach().clone() for p in me.params}
-    alone = _delta_of(me, reqs[1:2])  # edit B on the unedited model
+    bases = fit_shared(editor, reqs[2:5], rank=2)
+    originals = {p.name: p.weight.detach().clone() for p in editor.params}
+    alone = _delta_of(editor, reqs[1:2])  # edit B on the unedited model
 
-    paper = MendEditor(model, tokenizer, me.net, boost=(), anchored=False)
-    for editor, anchored in ((me, True), (paper, False)):
-        first = editor.edit(reqs[0])  # edit A stays applied
-        assert editor.moved()
-        b = _delta_of(editor, reqs[1:2])
+    paper = MendEditor(model, tokenizer, editor.net, boost=(), anchored=False)
+    for each, anchored in ((editor, True), (paper, False)):
+        first = each.edit(reqs[0])  # edit A stays applied
+        assert each.moved()
+        b = _delta_of(each, reqs[1:2])
         first.revert()
-        assert not editor.moved()
+        assert not each.moved()
         for name, (a, bb) in bases.items():
             without_shared = alone[name] - a @ (a.T @ alone[name] @ bb) @ bb.T
             close = torch.allclose(b[name], without_shared, rtol=1e-4, atol=1e-6)
             assert close == anchored, (name, anchored)
         if anchored:  # B's shared part left out entirely: A already carries one
             assert all(float((a.T @ b[n] @ bb).norm()) < 1e-4 for n, (a, bb) in bases.items())
-    for p in me.params:
+    for p in editor.params:
         assert torch.equal(p.weight, originals[p.name])
 
     # Reverting out of order never hands the anchor's storage out as a spare to overwrite.
-    first, second = me.edit(reqs[0]), me.edit(reqs[1])
+    first, second = editor.edit(reqs[0]), editor.edit(reqs[1])
     first.revert()
     second.revert()  # the anchor goes back to the pool here, which refuses it
-    me.edit(reqs[2]).revert()
-    me.edit(reqs[3])
-    assert all(torch.equal(me._anchor[n], originals[n]) for n in originals)
+    editor.edit(reqs[2]).revert()
+    editor.edit(reqs[3])
+    assert all(torch.equal(editor._anchor[n], originals[n]) for n in originals)
 
 
-def _record_checks(me: MendEditor) -> list:
-    """Make `me` record (factors, verdict) of every `reaches_target` call, in order."""
-    checks, real = [], me.reaches_target
+def _record_checks(editor: MendEditor) -> list:
+    """Make `editor` record (factors, verdict) of every `reaches_target` call, in order."""
+    checks, real = [], editor.reaches_target
 
     def recording(factors, batch, prepared=None):
         checks.append((factors, real(factors, batch, prepared)))
         return checks[-1][1]
 
-    me.reaches_target = recording
+    editor.reaches_target = recording
     return checks
 
 
@@ -538,17 +542,17 @@ def test_the_check_sees_exactly_the_change_that_lands(tokenizer):
 
     model = tiny_model("llama", len(tokenizer))
     # boost=(1.0,): exactly one check, of the change that is then applied
-    me = _editor_for(model, tokenizer, boost=(1.0,), init_alpha=0.3)
-    me.check_batches = True
+    editor = _editor_for(model, tokenizer, boost=(1.0,), init_alpha=0.3)
+    editor.check_batches = True
     reqs = fact_requests(6)
-    bases = fit_shared(me, reqs[3:6], rank=2)
-    checks = _record_checks(me)
+    bases = fit_shared(editor, reqs[3:6], rank=2)
+    checks = _record_checks(editor)
 
     def landed_as_checked(edit_reqs):
-        before = {p.name: p.weight.detach().clone() for p in me.params}
-        result = me.edit(edit_reqs)
-        expected = me.weight_deltas(checks[-1][0])
-        for p in me.params:
+        before = {p.name: p.weight.detach().clone() for p in editor.params}
+        result = editor.edit(edit_reqs)
+        expected = editor.weight_deltas(checks[-1][0])
+        for p in editor.params:
             landed = p.weight.detach() - before[p.name]
             torch.testing.assert_close(landed, expected[p.name], rtol=1e-4, atol=1e-6)
         return result, expected
@@ -580,9 +584,9 @@ def test_anchored_edits_on_an_edited_model_are_unchecked_by_default(tokenizer):
     assert first.scales[0] > 1  # the check scales the first edit up (it reaches its target)
     assert not _delta_equal(_delta_of(checked, reqs[:1]), _delta_of(plain, reqs[:1]))
     later = []
-    for me in (checked, plain):
-        first = me.edit(reqs[0])
-        later.append(_delta_of(me, reqs[1:2]))
+    for editor in (checked, plain):
+        first = editor.edit(reqs[0])
+        later.append(_delta_of(editor, reqs[1:2]))
         first.revert()
     assert _delta_equal(*later)
 
@@ -598,12 +602,12 @@ def test_holds_reads_on_the_edited_weights_what_the_check_read_under_the_edit(to
     model = tiny_model("llama", len(tokenizer))
     seen = set()
     for alpha in (1e-3, 0.3, 3.0):
-        me = _editor_for(model, tokenizer, boost=(1.0,), init_alpha=alpha)  # one check
-        checks = _record_checks(me)
+        editor = _editor_for(model, tokenizer, boost=(1.0,), init_alpha=alpha)  # one check
+        checks = _record_checks(editor)
         for req in fact_requests(4):
-            result = me.edit(req)
+            result = editor.edit(req)
             checked = bool(checks[-1][1][0])
-            assert me.holds([req]) == [checked]
+            assert editor.holds([req]) == [checked]
             seen.add(checked)
             result.revert()
     assert seen == {True, False}
@@ -613,15 +617,15 @@ def test_edits_run_the_editor_in_bf16_only_where_asked_and_stay_close(tokenizer)
     from mend.models.upper import bf16_is_fast
 
     model = tiny_model("llama", len(tokenizer))
-    editor = _editor_for(model, tokenizer).editor
+    net = _editor_for(model, tokenizer).net
     with torch.no_grad():  # a trained-like editor: its low-rank branches carry the change
-        for net in editor.nets.values():
-            for block in net.blocks:
+        for matrix_net in net.nets.values():
+            for block in matrix_net.blocks:
                 block.up.weight.normal_(0, 0.1)
-    editor.eval()
-    fast = MendEditor(model, tokenizer, editor, boost=(), editor_bf16=True)
-    exact = MendEditor(model, tokenizer, editor, boost=(), editor_bf16=False)
-    assert MendEditor(model, tokenizer, editor).editor_bf16 == bf16_is_fast(exact.device)
+    net.eval()
+    fast = MendEditor(model, tokenizer, net, boost=(), editor_bf16=True)
+    exact = MendEditor(model, tokenizer, net, boost=(), editor_bf16=False)
+    assert MendEditor(model, tokenizer, net).editor_bf16 == bf16_is_fast(exact.device)
     reqs = fact_requests(2)
     d_exact, d_fast = _delta_of(exact, reqs), _delta_of(fast, reqs)
     for name, d in d_exact.items():
@@ -639,15 +643,15 @@ def test_edits_run_the_editor_in_bf16_only_where_asked_and_stay_close(tokenizer)
 
 def test_an_edit_of_a_bf16_model_adds_the_change_within_bf16_rounding(tokenizer):
     model = tiny_model("llama", len(tokenizer)).to(torch.bfloat16)
-    me = _editor_for(model, tokenizer, init_alpha=1e-2)
+    editor = _editor_for(model, tokenizer, init_alpha=1e-2)
     with torch.no_grad():
-        for net in me.net.nets.values():
+        for net in editor.net.nets.values():
             for block in net.blocks:
                 block.up.weight.normal_(0, 0.1)
-    before = {p.name: p.weight.detach().clone() for p in me.params}
-    result = me.edit(fact_requests(1))
+    before = {p.name: p.weight.detach().clone() for p in editor.params}
+    result = editor.edit(fact_requests(1))
     sizes = []
-    for p in me.params:
+    for p in editor.params:
         w, delta = before[p.name].float(), result.deltas[p.name].float()  # fp32 Delta W
         assert p.weight.dtype == torch.bfloat16
         sizes.append(float(delta.norm() / w.norm()))
@@ -655,4 +659,4 @@ def test_an_edit_of_a_bf16_model_adds_the_change_within_bf16_rounding(tokenizer)
         assert err < 2**-7  # bf16 rounding of the factors and of the sum
     assert max(sizes) > 0.3 and min(sizes) > 1e-3  # real changes
     result.revert()
-    assert all(torch.equal(p.weight, before[p.name]) for p in me.params)
+    assert all(torch.equal(p.weight, before[p.name]) for p in editor.params)

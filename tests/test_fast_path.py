@@ -20,11 +20,11 @@ from mend.training.step import edit_step
 def _perturbed_editor(model, tokenizer, cfg: EditorConfig, **kw) -> MendEditor:
     """An editor moved off its identity start (seeded), so every parameter gets a gradient."""
     torch.manual_seed(0)
-    editor = EditorNet({p.name: p.in_out for p in find_editable(model)}, cfg)
+    net = EditorNet({p.name: p.in_out for p in find_editable(model)}, cfg)
     with torch.no_grad():
-        for prm in editor.parameters():
+        for prm in net.parameters():
             prm.add_(0.02 * torch.randn_like(prm))
-    return MendEditor(model, tokenizer, editor, **kw)
+    return MendEditor(model, tokenizer, net, **kw)
 
 
 def test_upper_stack_reproduces_the_full_forward(family_model, tokenizer):
@@ -147,9 +147,11 @@ def test_fast_and_reference_steps_give_the_same_losses_and_editor_gradients(
 ):
     model = family_model.requires_grad_(False)
     params = find_editable(model)
-    cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05), sampling=Sampling(loc_per_edit=2))
-    me = _perturbed_editor(model, tokenizer, cfg.editor)
-    editor = me.net
+    cfg = TrainConfig(
+        editor=EditorConfig(rank=8, init_alpha=0.05), sampling=Sampling(loc_per_edit=2)
+    )
+    editor = _perturbed_editor(model, tokenizer, cfg.editor)
+    net = editor.net
     pool = fact_requests(30)
     reqs = pool[:3]
     stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
@@ -157,11 +159,11 @@ def test_fast_and_reference_steps_give_the_same_losses_and_editor_gradients(
     results = []
     for path in (None, stack):
         rows = build_rows(reqs, pool, cfg.sampling, random.Random(7))
-        editor.eval()  # frozen normalisation, so both paths see the same statistics
-        editor.zero_grad()
-        loss, stats = edit_step(me, reqs, rows, cfg, path)
+        net.eval()  # frozen normalisation, so both paths see the same statistics
+        net.zero_grad()
+        loss, stats = edit_step(editor, reqs, rows, cfg, path)
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
         results.append((stats, grads))
     (ref_stats, ref_grads), (fast_stats, fast_grads) = results
     assert ref_stats.keys() == fast_stats.keys() and "l_loc" in ref_stats
@@ -198,20 +200,20 @@ def test_batched_training_rows_see_exactly_the_batched_edit(tokenizer):
     params = find_editable(model)
     cfg = TrainConfig(editor=EditorConfig(rank=8, init_alpha=0.05),
                       sampling=Sampling(loc_per_edit=2, batch_size=2))  # fmt: skip
-    me = _perturbed_editor(model, tokenizer, cfg.editor, boost=())
-    me.net.eval()
+    editor = _perturbed_editor(model, tokenizer, cfg.editor, boost=())
+    editor.net.eval()
     pool = fact_requests(30)
     reqs = pool[:4]
     rows = build_rows(reqs, pool, cfg.sampling, random.Random(3), batch_size=2)
     assert rows.gen_group == [0, 0, 0, 0, 1, 1, 1, 1]  # prompt + rephrase of edits 0-1, 2-3
     stack = UpperStack(model, UpperStack.first_edited_block(model, [p.name for p in params]))
     with torch.no_grad():
-        fast = forward_fast(me, stack, reqs, rows, batch_size=2)[1]
-        ref = forward_reference(me, reqs, rows, batch_size=2)[1]
+        fast = forward_fast(editor, stack, reqs, rows, batch_size=2)[1]
+        ref = forward_reference(editor, reqs, rows, batch_size=2)[1]
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
-    gen = me.batch(rows.gen, rows.gen_group)
+    gen = editor.batch(rows.gen, rows.gen_group)
     first_pair = gen.group[gen.pos_row] == 0
-    result = me.edit(reqs[:2])
+    result = editor.edit(reqs[:2])
     with torch.no_grad():
         in_place = scored_logits(model, gen)
     result.revert()
@@ -231,12 +233,12 @@ def test_warmed_cache_serves_every_row_training_draws(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     data, val = fact_requests(30, seed=1), fact_requests(8, seed=2)
     cfg = TrainConfig(editor=EditorConfig(rank=8), sampling=Sampling(loc_per_edit=4))
-    me = _perturbed_editor(model, tokenizer, cfg.editor)
-    me.net.eval()  # frozen normalisation: both paths see the same statistics
-    start = UpperStack.first_edited_block(model, [p.name for p in me.params])
+    editor = _perturbed_editor(model, tokenizer, cfg.editor)
+    editor.net.eval()  # frozen normalisation: both paths see the same statistics
+    start = UpperStack.first_edited_block(model, [p.name for p in editor.params])
     cache = RowCache(1 << 30)
     stack = UpperStack(model, start, cache)
-    warm_rows(me, stack, data + val, batch_rows=8, progress=False)
+    warm_rows(editor, stack, data + val, batch_rows=8, progress=False)
     warmed = len(cache)
     assert warmed == cache.misses > len(data) * 3  # edit, paraphrase, own probe, as a probe
     similar = similar_index(data)
@@ -244,19 +246,24 @@ def test_warmed_cache_serves_every_row_training_draws(tokenizer):
         rng = random.Random(step)
         reqs = rng.sample(data, cfg.sampling.edits_per_step)
         rows = build_rows(reqs, data, cfg.sampling, rng, similar)
-        got, _ = edit_step(me, reqs, rows, cfg, stack)
-        want, _ = edit_step(me, reqs, rows, cfg, None)  # the reference path, no cache
+        got, _ = edit_step(editor, reqs, rows, cfg, stack)
+        want, _ = edit_step(editor, reqs, rows, cfg, None)  # the reference path, no cache
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for i in range(0, len(val), 4):  # ... and validation steps
-        edit_step(me, val[i : i + 4], build_rows(val[i : i + 4], val, cfg.sampling, None), cfg, stack)
-    assert cache.misses == warmed and cache.hits > 12 * 3 * cfg.sampling.edits_per_step  # never a new row
+        edit_step(
+            editor, val[i : i + 4], build_rows(val[i : i + 4], val, cfg.sampling, None), cfg, stack
+        )
+    # never a new row
+    assert cache.misses == warmed and cache.hits > 12 * 3 * cfg.sampling.edits_per_step
     # A full cache stops the warm-up after the batch that filled it.
     small = RowCache(cache.bytes // 4)
-    warm_rows(me, UpperStack(model, start, small), data + val, batch_rows=8, progress=False)
+    warm_rows(editor, UpperStack(model, start, small), data + val, batch_rows=8, progress=False)
     assert small.full and small.misses <= len(small) + 8 < warmed
     # A warm-up that would outlast its budget stops after its first batch.
     slow = RowCache(1 << 30)
-    assert not warm_rows(me, UpperStack(model, start, slow), data, 8, budget_s=1e-9, progress=False)
+    assert not warm_rows(
+        editor, UpperStack(model, start, slow), data, 8, budget_s=1e-9, progress=False
+    )
     assert len(slow) == 8
     # Rows are batched shortest first by token count, so a batch pads little: every batch's
     # longest row is no longer than the next batch's shortest.
@@ -265,6 +272,6 @@ def test_warmed_cache_serves_every_row_training_draws(tokenizer):
     plain.prepare = lambda b, **kw: (
         seen.append(b.attention_mask.sum(1).tolist()) or prepare(b, **kw)
     )
-    warm_rows(me, plain, data + val, batch_rows=8, progress=False)
+    warm_rows(editor, plain, data + val, batch_rows=8, progress=False)
     assert len(seen) > 3 and all(max(a) <= min(b) for a, b in zip(seen, seen[1:], strict=False))
     assert len({n for batch in seen for n in batch}) > 1  # (rows of several lengths)

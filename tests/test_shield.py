@@ -19,8 +19,8 @@ def _setup(tokenizer):
     return plain, facts, bank
 
 
-def _deltas(me: MendEditor, req) -> dict[str, torch.Tensor]:
-    result = me.edit([req])
+def _deltas(editor: MendEditor, req) -> dict[str, torch.Tensor]:
+    result = editor.edit([req])
     out = {n: d.clone() for n, d in result.deltas.items()}
     result.revert()
     return out
@@ -47,9 +47,9 @@ def test_half_a_shield_removes_half_the_action_and_the_check_sees_it(tokenizer):
             seen.append({n: self.weight_deltas(factors)[n] for n in factors})
             return super().reaches_target(factors, batch, prepared)
 
-    me = Recording(plain.model, tokenizer, plain.net, boost=(1.5,),
+    editor = Recording(plain.model, tokenizer, plain.net, boost=(1.5,),
                    shield=Shield(bank, m=4, beta=0.5, lam=1e-6))  # fmt: skip
-    result = me.edit([facts[0]])
+    result = editor.edit([facts[0]])
     landed = {n: d.clone() for n, d in result.deltas.items()}
     result.revert()
     before = _deltas(plain, facts[0])

@@ -106,7 +106,9 @@ def test_training_beats_the_untrained_editor_on_held_out_edits(tmp_path, tokeniz
     train(model, tokenizer, data, val, cfg, tmp_path, progress=False)
     trained = MendEditor(model, tokenizer, load_editor(tmp_path, model))
     names = find_editable(model)
-    untrained = MendEditor(model, tokenizer, EditorNet({p.name: p.in_out for p in names}, cfg.editor))
+    untrained = MendEditor(
+        model, tokenizer, EditorNet({p.name: p.in_out for p in names}, cfg.editor)
+    )
     after = evaluate(model, tokenizer, trained, test, progress=False)
     before = evaluate(model, tokenizer, untrained, test, progress=False)
     assert before["rewrite_acc"] <= 0.1
@@ -168,8 +170,8 @@ def test_non_finite_gradients_skip_the_step(tmp_path, tokenizer, monkeypatch):
     summary = train(tiny_model("llama", len(tokenizer)), tokenizer, data, val,
                     _cfg(max_steps=4, val_every=4), tmp_path, progress=False)  # fmt: skip
     assert summary["skipped_steps"] == 1
-    editor = load_editor(tmp_path / "last")
-    assert all(torch.isfinite(p).all() for p in editor.parameters())
+    net = load_editor(tmp_path / "last")
+    assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
 def test_time_budget_counts_the_passes_before_the_first_step(tmp_path, tokenizer, monkeypatch):
@@ -224,24 +226,24 @@ def test_key_statistics_mix_training_texts_and_general_text(tmp_path, tokenizer,
 
     model = tiny_model("llama", len(tokenizer))
     data = fact_requests(20, seed=1)
-    editor = EditorNet({p.name: p.in_out for p in find_editable(model)}, EditorConfig(rank=8))
-    me = MendEditor(model, tokenizer, editor)
+    net = EditorNet({p.name: p.in_out for p in find_editable(model)}, EditorConfig(rank=8))
+    editor = MendEditor(model, tokenizer, net)
     text = tmp_path / "general.txt"
     text.write_text("The river flows north through the old town and into the sea. " * 400)
 
     def tokens(batches):
         return sum(int(b.attention_mask.sum()) for b in batches)
 
-    only = key_batches(me, data, None)
+    only = key_batches(editor, data, None)
     assert tokens(only) == sum(len(tokenizer(p + " " + t)["input_ids"]) for p, t in key_pairs(data))
-    mixed = key_batches(me, data, str(text))
+    mixed = key_batches(editor, data, str(text))
     windows = mixed[len(only) :]
-    width = min(128, me.max_len)  # 128-token windows, or the tiny model's whole context
+    width = min(128, editor.max_len)  # 128-token windows, or the tiny model's whole context
     assert windows and all(b.input_ids.shape[1] == width for b in windows)
     # About as many general-text tokens as training-text tokens (whole windows).
     assert tokens(only) <= tokens(windows) < tokens(only) + width
     # General text that cannot be read: a warning, and the training texts alone.
-    missing = key_batches(me, data, str(tmp_path / "absent.txt"))
+    missing = key_batches(editor, data, str(tmp_path / "absent.txt"))
     assert tokens(missing) == tokens(only)
     assert "training texts only" in caplog.text
 
@@ -325,15 +327,15 @@ def test_nearest_hard_locality_ranks_by_the_edited_input_same_answer_first(token
     from mend.training.prepare import nearest_records
     from mend.training.sampling import build_rows, similar_index
 
-    me = tiny_mend(tokenizer)
+    editor = tiny_mend(tokenizer)
     pool = fact_requests(60)
     k = 5
-    near = nearest_records(me, pool, k, chunk=7, progress=False)  # batches of mixed lengths
+    near = nearest_records(editor, pool, k, chunk=7, progress=False)  # batches of mixed lengths
     # The keys, one padded batch at a time, are the first edited weight's inputs that
     # `capture` sees at the prompt's last token, row by row.
-    batch = me.batch([(r.prompt, None) for r in pool])
-    captured, _ = capture(me.model, me.params, batch, lambda lg: lg.sum())
-    u = first_scored_inputs(captured[me.params[0].name][0], batch.pos_mask)
+    batch = editor.batch([(r.prompt, None) for r in pool])
+    captured, _ = capture(editor.model, editor.params, batch, lambda lg: lg.sum())
+    u = first_scored_inputs(captured[editor.params[0].name][0], batch.pos_mask)
     unit = u / u.norm(dim=-1, keepdim=True)
     for i, r in enumerate(pool):
         assert len(near[i]) == k and i not in near[i]
@@ -408,7 +410,9 @@ def test_late_locality_weight_starts_at_its_fraction_of_the_run(tmp_path, tokeni
     steps = [x for x in log if "val" not in x]
     for x in steps:  # the logged loss is c_edit * l_edit + c_loc(step) * l_loc
         c_loc = 3.0 if x["step"] > 6 else 1.0
-        assert x["loss"] == pytest.approx(cfg.loss.edit * x["l_edit"] + c_loc * x["l_loc"], rel=1e-5)
+        assert x["loss"] == pytest.approx(
+            cfg.loss.edit * x["l_edit"] + c_loc * x["l_loc"], rel=1e-5
+        )
     assert all(x["l_loc"] > 1e-4 * x["loss"] for x in steps[6:])  # so the weight shows in it
 
 

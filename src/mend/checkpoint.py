@@ -48,29 +48,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_editor(folder: str | Path, editor: EditorNet, identity: dict[str, Any], extra=None) -> None:
+def save_editor(folder: str | Path, net: EditorNet, identity: dict[str, Any], extra=None) -> None:
     """Write editor_config.json and editor.safetensors into folder (each file atomically)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in editor.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_write(
         folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT})
     )
     config = {
         "format": FORMAT,
-        "editor": editor.cfg.to_dict(),
+        "editor": net.cfg.to_dict(),
         "model": identity,
         "sha256": _sha256(folder / WEIGHTS_FILE),
     } | (extra or {})
     write_json(folder / CONFIG_FILE, config)
 
 
-def resave_editor(folder: str | Path, editor: EditorNet) -> None:
+def resave_editor(folder: str | Path, net: EditorNet) -> None:
     """Rewrite folder's editor (e.g. after `edit.fit_shared`), keeping the config's model
     identity and its other entries (best_step, val)."""
     config = read_config(folder)
     extra = {k: v for k, v in config.items() if k not in ("format", "editor", "model", "sha256")}
-    save_editor(folder, editor, config["model"], extra)
+    save_editor(folder, net, config["model"], extra)
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -132,13 +132,13 @@ def load_editor(folder: str | Path, model=None) -> EditorNet:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise MendError(f"corrupt editor checkpoint: cannot read {weights} ({e})") from None
-    editor = EditorNet(shapes, EditorConfig.from_dict(config["editor"]))
+    net = EditorNet(shapes, EditorConfig.from_dict(config["editor"]))
     try:
-        editor.load_state_dict(tensors)
+        net.load_state_dict(tensors)
     except RuntimeError as e:
         raise MendError(f"corrupt editor checkpoint: {' '.join(str(e).split())}") from None
-    editor.eval()
-    return editor
+    net.eval()
+    return net
 
 
 def save_train_state(folder: str | Path, state: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""`mend train | eval | edit | apply | demo | fit-*`: argument parsing and printing only."""
+"""`mend train | eval | edit | apply | demo | fit-shared | build-shield`: parsing and printing."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shield", type=float, default=None, metavar="BETA",
         help="keep BETA (0-1] of each single edit off the inputs of the known facts nearest "
-        "it, from the editor's key bank (`mend fit-shield`; see mend/shield.py); batched "
+        "it, from the editor's key bank (`mend build-shield`; see mend/shield.py); batched "
         "edits are not shielded. Default: off",
     )  # fmt: skip
     p.add_argument("--shield-facts", type=int, default=16, help="nearest facts to shield")
@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--seed", type=int)
     t.add_argument("--rank", type=int, help="editor rank")
-    t.add_argument("--edit-modules", nargs="+", help="weights to edit (default: MLPs of the last 3 blocks)")
+    t.add_argument(
+        "--edit-modules", nargs="+", help="weights to edit (default: MLPs of the last 3 blocks)"
+    )
     t.add_argument("--lr", type=float)
     t.add_argument("--edits-per-step", type=int, help="edits trained side by side in a step")
     t.add_argument("--init", metavar="EDITOR_DIR", help="start from this trained editor")
@@ -140,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--rank", type=int, default=16, help="rank of the shared part")
 
     s = sub.add_parser(
-        "fit-shield", help="store the known facts an edit can be shielded from (--shield)"
+        "build-shield", help="store the known facts an edit can be shielded from (--shield)"
     )
     _common(s)
     s.add_argument("--editor", required=True, help="editor checkpoint folder (bank saved in it)")
@@ -179,7 +181,7 @@ def _load(args):
 
 def _load_data(name: str, tokenizer, model, limit: int | None = None):
     from mend.data import load_checked
-    from mend.data.collate import context_length
+    from mend.models import context_length
 
     return load_checked(name, tokenizer, context_length(model), limit)
 
@@ -266,15 +268,15 @@ def _mend_editor(args, model, tok):
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
 
-    editor = load_editor(args.editor, model)
-    me = MendEditor(model, tok, editor, boost=args.boost, start=args.start,
+    net = load_editor(args.editor, model)
+    editor = MendEditor(model, tok, net, boost=args.boost, start=args.start,
                     editor_bf16=False if args.editor_fp32 else None)  # fmt: skip
     if args.shield is not None:
         from mend.shield import BANK_FILE, KeyBank, Shield
 
-        bank = KeyBank.load(Path(args.editor) / BANK_FILE, me.params)
-        me.shield = Shield(bank, m=args.shield_facts, beta=args.shield)
-    return me
+        bank = KeyBank.load(Path(args.editor) / BANK_FILE, editor.params)
+        editor.shield = Shield(bank, m=args.shield_facts, beta=args.shield)
+    return editor
 
 
 def _method(args, model, tok):
@@ -318,7 +320,8 @@ def cmd_eval(args) -> int:
 def cmd_edit(args) -> int:
     from tqdm import tqdm
 
-    from mend.data.collate import context_length, encode
+    from mend.data.collate import encode
+    from mend.models import context_length
     from mend.models.forward import greedy
     from mend.result import save_delta
     from mend.types import EditRequest
@@ -402,15 +405,15 @@ def cmd_fit_shared(args) -> int:
     if args.rank < 1 or args.limit < 1:
         raise MendError("--rank and --limit must be >= 1")
     model, tok = _load(args)
-    editor = load_editor(args.editor, model)
+    net = load_editor(args.editor, model)
     data = _load_data(args.data, tok, model, args.limit)
-    fit_shared(MendEditor(model, tok, editor), data, args.rank, progress=True)
-    resave_editor(args.editor, editor)
-    print(f"{args.editor}: shared part of rank {editor.cfg.shared_rank} saved")
+    fit_shared(MendEditor(model, tok, net), data, args.rank, progress=True)
+    resave_editor(args.editor, net)
+    print(f"{args.editor}: shared part of rank {net.cfg.shared_rank} saved")
     return 0
 
 
-def cmd_fit_shield(args) -> int:
+def cmd_build_shield(args) -> int:
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
     from mend.shield import BANK_FILE, KeyBank, known_facts
@@ -418,14 +421,14 @@ def cmd_fit_shield(args) -> int:
     if args.limit < 1:
         raise MendError("--limit must be >= 1")
     model, tok = _load(args)
-    me = MendEditor(model, tok, load_editor(args.editor, model))
+    editor = MendEditor(model, tok, load_editor(args.editor, model))
     data = _load_data(args.data, tok, model, args.limit)
     leave_out = _load_data(args.leave_out, tok, model, None) if args.leave_out else []
     facts, left = known_facts(data, leave_out)
     if not facts:
         why = f" not left out by {args.leave_out}" if left else ""
         raise MendError(f"{args.data} has no true answers (target_true){why} to shield")
-    bank = KeyBank.build(model, tok, me.params, facts, me.max_len, progress=True)
+    bank = KeyBank.build(model, tok, editor.params, facts, editor.max_len, progress=True)
     bank.save(Path(args.editor) / BANK_FILE)
     print(f"{args.editor}: key bank of {len(facts)} facts ({len(bank.owner)} inputs) saved"
           + (f"; {left} left out: locality probes of {args.leave_out}" if args.leave_out else ""))  # fmt: skip
@@ -447,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     handler = {"train": cmd_train, "eval": cmd_eval, "edit": cmd_edit, "apply": cmd_apply,
                "demo": cmd_demo, "fit-shared": cmd_fit_shared,
-               "fit-shield": cmd_fit_shield}[args.cmd]  # fmt: skip
+               "build-shield": cmd_build_shield}[args.cmd]  # fmt: skip
     try:
         return handler(args)
     except MendError as e:

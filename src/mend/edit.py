@@ -15,19 +15,20 @@ has its change scaled up (by `boost`, e.g. 1.5 then 2), which reruns only the ed
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
 from mend.checkpoint import load_editor, model_identity, save_editor
-from mend.data.collate import IGNORE, TokenBatch, context_length, make_batch
+from mend.data.collate import IGNORE, TokenBatch, make_batch
 from mend.editor.net import EditorNet
 from mend.errors import MendError
 from mend.grads import capture, first_scored_inputs
 from mend.losses import edit_loss
 from mend.metrics import all_correct, rows_all
+from mend.models import context_length
 from mend.models.forward import scored_logits
 from mend.models.head import HeadArgmax
 from mend.models.params import find_editable, swapped_data
@@ -61,17 +62,15 @@ class MendEditor:
             as it comes, unchecked.
         start: the scale of MEND's change that the check tries first and falls back to when
             no scale of `boost` reaches the target (default 1: MEND's change). Below 1 it
-            keeps edits that need less off other inputs: on SmolLM2-135M CounterFact (val
-            501-750), start 0.9 with boost 1 1.25 1.5 2 gave rephrase 0.912 -> 0.872 and
-            locality 0.944 -> 0.956 against the default. It needs a check (`boost`), and
-            edits that are not checked get MEND's change as it comes.
+            keeps edits that need less off other inputs, trading a little paraphrase accuracy
+            for locality. It needs a check (`boost`), and edits that are not checked get
+            MEND's change as it comes.
         check_batches: check edits that join others too: batched edits (several requests
             in one change) and anchored edits on a model that already carries edits. Off by
-            default: scaling up the share of the requests that miss raised the interference
-            between them (5 CounterFact edits per batch: locality 0.78 unchecked, 0.39
-            checked, rewrite only 0.33 -> 0.39; 40 anchored edits in turn: 0.38 / 0.10 /
-            0.78 rewrite / rephrase / locality unchecked, 0.28 / 0.08 / 0.48 checked), so
-            those get MEND's change as it comes.
+            default: scaling up the share of the requests that miss raises the interference
+            between them, which costs batched edits much of their locality for little gain in
+            rewrite accuracy and lowers every score of anchored edits made in turn, so those
+            get MEND's change as it comes.
         anchored: compute every edit's gradient on the weights this editor was created on
             (its anchor), even when earlier edits are still applied, and leave out the part
             of the change that all edits share (`fit_shared`) once the model carries one. Off,
@@ -81,8 +80,8 @@ class MendEditor:
             Either way the change is added to the current weights and the check runs on them.
         shield: a `mend.shield.Shield`: keep each single edit off the inputs of the known
             facts nearest its prompt (applied before the check). None: off. Batched edits
-            are not shielded: shielding the union of every request's nearest facts removed
-            the requests' own changes (5 CounterFact edits per batch: rewrite 0.56 -> 0.28).
+            are not shielded: shielding the union of every request's nearest facts removes
+            much of the requests' own changes.
         editor_bf16: run the editor networks' large products in bf16 where no gradient is
             taken (edits; training stays fp32): an edit's cost there is reading the editor's
             weights, and bf16 halves it (`EditorNet.forward`). None (default): where bf16 is
@@ -415,35 +414,37 @@ class MendEditor:
         return result
 
 
-def fit_shared(me: MendEditor, requests: list[EditRequest], rank: int = 16, progress: bool = False):
+def fit_shared(
+    editor: MendEditor, requests: list[EditRequest], rank: int = 16, progress: bool = False
+):
     """Fit and store (`EditorNet.set_shared`) the part of the change that all edits share.
 
-    A trained editor's single edits are far from independent: on SmolLM2-135M the mean change
-    over 64 CounterFact edits is nearly rank one in every matrix and holds about 70% of a new
-    edit's squared norm. Summing k edits (a batched edit) adds that part k times; counted once
-    instead, batches of 5 and 25 keep far more of each edit. The bases are the top `rank`
-    singular vectors of the mean single-edit Delta W (out, in) over `requests`.
+    A trained editor's single edits are far from independent: their mean change is close to
+    low rank in every matrix and holds much of a new edit's squared norm. Summing k edits (a
+    batched edit) adds that part k times; counted once instead, a batch keeps far more of each
+    edit. The bases are the top `rank` singular vectors of the mean single-edit Delta W
+    (out, in) over `requests`.
     """
     from tqdm.auto import tqdm
 
     if not requests:
         raise MendError("fit_shared needs at least one edit")
-    was_training = me.net.training
-    me.net.eval()
+    was_training = editor.net.training
+    editor.net.eval()
     total: dict[str, torch.Tensor] = {}
     try:
         for req in tqdm(requests, desc="shared part of edits", disable=not progress):
-            batch = me.batch([(req.prompt, req.target)])
+            batch = editor.batch([(req.prompt, req.target)])
             with torch.no_grad():  # capture turns gradients on where it needs them
-                for name, (u, d) in me.factors(batch).items():
+                for name, (u, d) in editor.factors(batch).items():
                     dw = d[0].T @ u[0]  # (out, in)
                     total[name] = total[name] + dw if name in total else dw
     finally:
-        me.net.train(was_training)
+        editor.net.train(was_training)
     bases = {}
     for name, dw in total.items():
         left, _, right_t = torch.linalg.svd(dw / len(requests), full_matrices=False)
         r = min(rank, left.shape[1])
         bases[name] = (left[:, :r], right_t[:r].T)
-    me.net.set_shared(bases)
+    editor.net.set_shared(bases)
     return bases

@@ -9,9 +9,10 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from mend.data.collate import context_length, make_batch
+from mend.data.collate import make_batch
 from mend.data.text import token_windows
 from mend.metrics import all_correct, argmax_unchanged, mean_logprob
+from mend.models import context_length
 from mend.models.forward import scored_logits
 from mend.result import EditResult
 from mend.types import EditRequest

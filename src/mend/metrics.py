@@ -1,4 +1,8 @@
-"""Edit metrics: pure functions of logits at scored positions (MEND_SPEC section 6)."""
+"""Edit metrics: pure functions of logits at scored positions.
+
+A row counts as correct when every scored token is the argmax (edit and paraphrase accuracy),
+and as kept when the argmax is unchanged by the edit (locality).
+"""
 
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ class WeightPool:
     """One spare tensor per edited weight, reused from edit to edit.
 
     An edit swaps in a new tensor for each edited weight (so that revert is a bit-exact swap
-    back). Allocating a fresh one costs more than filling it: for a 3.5 MB SmolLM2 MLP matrix
-    the allocator maps new pages, about 1.3 ms, against 0.1 ms for the sum itself, and 9
-    matrices with their deltas made a single edit about a quarter slower than it needs to be.
+    back). Allocating a fresh one costs more than filling it: for an MLP matrix the allocator
+    maps new pages, which takes several times as long as the sum itself, and over every edited
+    matrix and its delta that is a sizeable share of a single edit.
     A reverted edit leaves its tensors here for the next one, so a tensor taken from an edited
     weight (e.g. a `state_dict()` made while the edit was applied) is overwritten by a later
     edit once that edit is reverted: clone what you keep. `protected` tensors (e.g. the weights

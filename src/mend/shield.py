@@ -1,8 +1,8 @@
 """Shielding known facts: keep an edit off the inputs of the known facts nearest to it.
 
 MEND's edits of CounterFact facts leak to other subjects with the same relation: most of the
-locality probes an edit changes now answer with the edit's new target (see
-`benchmarks/locality_probe.py`). A `KeyBank` holds, for a set of known facts (a prompt and its
+locality probes an edit changes answer with the edit's new target (see
+`experiments/locality_probe.py`). A `KeyBank` holds, for a set of known facts (a prompt and its
 true answer, e.g. the editor's training records), each edited weight's input at the answer
 positions. A `Shield` finds the `m` facts whose input at the first edited weight is nearest
 the edit prompt's and removes `beta` of the change's action on their inputs:
@@ -117,7 +117,7 @@ class KeyBank:
         """Read a bank saved by `save`, checked against the weights it will shield."""
         path = Path(path)
         if not path.is_file():
-            raise MendError(f"no key bank at {path} (make one with `mend fit-shield`)")
+            raise MendError(f"no key bank at {path} (make one with `mend build-shield`)")
         tensors, _ = read_tensors(path, BANK_FORMAT, "mend key bank")
         owner = tensors.pop("owner", None)
         keys = {n.removeprefix("keys."): k for n, k in tensors.items()}

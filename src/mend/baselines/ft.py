@@ -18,12 +18,13 @@ from contextlib import contextmanager
 
 import torch
 
-from mend.data.collate import context_length, make_batch
+from mend.data.collate import make_batch
 from mend.data.sources import resolve_data
 from mend.data.text import wikitext_prompts
 from mend.errors import MendError
 from mend.losses import kl_base_edited, masked_nll
 from mend.metrics import all_correct
+from mend.models import context_length
 from mend.models.forward import scored_logits
 from mend.models.params import find_editable
 from mend.models.upper import UpperStack

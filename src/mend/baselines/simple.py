@@ -6,9 +6,10 @@ import time
 
 import torch
 
-from mend.data.collate import context_length, make_batch
+from mend.data.collate import make_batch
 from mend.grads import capture
 from mend.losses import edit_loss
+from mend.models import context_length
 from mend.models.params import find_editable
 from mend.result import EditResult
 from mend.types import EditRequest

@@ -93,16 +93,6 @@ class TokenBatch:
         )
 
 
-def context_length(model) -> int:
-    """The longest input the model accepts."""
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 30
-
-
 def make_batch(
     tokenizer,
     pairs: list[tuple[str, str | None]],

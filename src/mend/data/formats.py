@@ -181,7 +181,9 @@ def load_requests(name_or_path: str | Path, limit: int | None = None) -> list[Ed
         raise MendError(f"data path is a folder, not a file: {path}")
     records = _read_records(path)[start:stop]
     if not records or limit == 0:
-        raise MendError(f"{path}: no records" + (f" in [{start or ''}:{stop or ''}]" if match else ""))
+        raise MendError(
+            f"{path}: no records" + (f" in [{start or ''}:{stop or ''}]" if match else "")
+        )
     parse = _detect(records[0], f"{path}: record 0")
     out, skipped = [], []
     for i, rec in enumerate(records):

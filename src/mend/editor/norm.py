@@ -1,4 +1,8 @@
-"""Running per-dimension standardisation of u and delta (MEND_SPEC section 3)."""
+"""Running per-dimension standardisation of u and delta, the editor networks' inputs.
+
+MEND normalises them so that one network serves gradients of very different scales
+(Mitchell et al., Fast Model Editing at Scale).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,15 @@
 """Everything that knows about model architectures and loading lives here."""
 
-from mend.models.archs import ARCHS, ArchSpec, arch_for
+from mend.models.archs import ARCHS, ArchSpec, arch_for, context_length
 from mend.models.load import load_model
 from mend.models.params import EditableParam, find_editable
 
-__all__ = ["ARCHS", "ArchSpec", "EditableParam", "arch_for", "find_editable", "load_model"]
+__all__ = [
+    "ARCHS",
+    "ArchSpec",
+    "EditableParam",
+    "arch_for",
+    "context_length",
+    "find_editable",
+    "load_model",
+]

@@ -1,4 +1,5 @@
-"""Architecture table keyed on `config.model_type`: where the blocks are and what MEND edits."""
+"""Architecture table keyed on `config.model_type`: where the blocks are, what MEND edits, and
+how long an input the model takes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class ArchSpec:
     final_norm: str
 
     def default_modules(self, n_blocks: int, last: int = 3) -> tuple[str, ...]:
-        """The MLP matrices of the last `last` blocks (MEND_SPEC section 5)."""
+        """The MLP matrices of the last `last` blocks: what MEND edits by default (Mitchell et al.,
+        Fast Model Editing at Scale)."""
         first = max(0, n_blocks - last)
         return tuple(f"{self.blocks}.{i}.{m}" for i in range(first, n_blocks) for m in self.mlp)
 
@@ -51,3 +53,13 @@ def arch_for(model) -> ArchSpec:
             "(add an entry to mend.models.archs.ARCHS)"
         )
     return ARCHS[model_type]
+
+
+def context_length(model) -> int:
+    """The longest input the model accepts, from whichever config key its family uses."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30

@@ -81,7 +81,7 @@ CHUNK_ROWS = 1024  # vocabulary rows per batch entry of the CPU head products (2
 def _chunked(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The head's rows as (n, CHUNK_ROWS, d) full chunks and the tail rows, or None where the
     plain product is used: off the CPU, for small or non-contiguous heads, and outside fp32
-    (a bf16 head ran slower chunked: 3.4 -> 5.3 ms)."""
+    (a bf16 head runs slower chunked)."""
     n = weight.shape[0] // CHUNK_ROWS
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or n < 2 or not weight.is_contiguous():  # fmt: skip
         return None
@@ -94,8 +94,8 @@ def head_logits(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     On the CPU, as one batched product over chunks of the vocabulary: for the few positions
     an edit or a step scores, MKL ran the plain (V, d) x (d, P) product far below the
     machine's memory bandwidth (as a matrix-vector product for P = 1), and a batch of chunks
-    spreads over the cores. SmolLM2's head, 2 cores: P = 1 9.5 -> 2.3 ms, P = 64 27.8 ->
-    23.7 ms. Each logit is the same dot product either way.
+    spreads over the cores; the fewer the positions, the larger the gain. Each logit is the
+    same dot product either way.
     """
     split = _chunked(weight)
     if split is None:
@@ -111,8 +111,7 @@ def head_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad @ weight: (P, V), (V, d) -> (P, d), the gradient into the head's input.
 
     On the CPU, chunk by chunk of the vocabulary in one batched product, then summed (the
-    same sum in another order): SmolLM2's head, 2 cores, P = 1 8.8 -> 4.7 ms, P = 4 11.8 ->
-    6.2 ms, P = 32 20.6 -> 15.3 ms.
+    same sum in another order), which spreads over the cores as in `head_logits`.
     """
     split = _chunked(weight)
     if split is None:
@@ -143,8 +142,8 @@ class _WeightGrad(torch.autograd.Function):
 
     A node of its own, so autograd runs it only when that gradient is asked for: capturing an
     edit's gradient (`torch.autograd.grad` to the edited layers) skips it even when the head
-    still has requires_grad set, where a single function would form a (V, d) gradient (42 ms
-    for SmolLM2) that is thrown away.
+    still has requires_grad set, where a single function would form a (V, d) gradient (a
+    product as large as the head itself) that is thrown away.
     """
 
     @staticmethod
@@ -195,7 +194,7 @@ def project_with_base(head: torch.nn.Module, hidden: torch.Tensor, base: torch.T
 
     Training projects edited and unedited states together (one read of the head), but the
     unedited ones need no gradient: a plain concatenation would backpropagate through all
-    rows, and the unedited ones are 40% of a step's scored positions.
+    rows, and the unedited ones are a large share of a step's scored positions.
     """
     if base is None:
         return project(head, hidden)

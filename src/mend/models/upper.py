@@ -136,7 +136,7 @@ class UpperStack:
         start: index of the first block to rerun.
         cache: a RowCache to reuse the lower blocks' output across calls (None: no reuse).
         lower_dtype: run the lower blocks' matrix products in this dtype (e.g. bfloat16,
-            about twice as fast on CPUs with bf16 units). The upper blocks and everything
+            faster where the hardware has bf16 units). The upper blocks and everything
             computed from the cached hidden state stay in the model's dtype, so base and
             edited logits share the same input and an empty edit still changes nothing.
     """
@@ -274,8 +274,9 @@ class UpperStack:
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The vocabulary projection of final normed hidden states, as fp32 logits.
 
-        For a small model it is a large share of a step, and it costs about the same for 4
-        positions as for 40 (it reads the whole matrix): callers batch positions into one call.
+        For a small model it is a large share of a step, and it costs about the same for a
+        few positions as for tens of them (it reads the whole matrix): callers batch positions
+        into one call.
         """
         return project(self.head, hidden)
 
