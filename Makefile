@@ -23,16 +23,16 @@ demo: setup
 	$(VENV)/bin/mend demo --minutes $(DEMO_MINUTES)
 
 test: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
 
 format: setup
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks experiments
+	$(VENV)/bin/ruff check --fix src tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -242,7 +242,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--editor", help="the trained MEND editor (required unless --merge)")
-    ap.add_argument("--name", default="smollm2-135m")
+    ap.add_argument("--name", default="compare-smollm2-135m/smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="a small version for smoke tests")
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--ft-steps", type=int, default=40)

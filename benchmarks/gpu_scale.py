@@ -1,6 +1,6 @@
 """EditorNet training and editing at real model sizes, on randomly initialised models.
 
-    python benchmarks/gpu_scale.py --out docs/results/gpu-scale   # CUDA, bf16, all REAL models
+    python benchmarks/gpu_scale.py --out docs/results/gpu-scale/h100   # CUDA, bf16, all REAL models
     python benchmarks/gpu_scale.py --tiny                          # the same code on CPU, tiny configs
     python benchmarks/gpu_scale.py --tiny --device cuda            # a quick smoke test on a GPU
     python benchmarks/gpu_scale.py --tiny --dtype bf16             # the GPU's bf16 model, on CPU (tested)

@@ -1,6 +1,6 @@
 """Speed of training and editing, measured side by side in one run.
 
-    python benchmarks/speed.py [--model smollm2-135m] [--steps 5] [--out docs/results/speed.md]
+    python benchmarks/speed.py [--model smollm2-135m] [--steps 5] [--out runs/speed/mine]   # writes OUT.json and OUT.md
 
 Prints (and writes as Markdown + JSON):
 - one training step of the reference path and of the fast path, on the same batches, timed in
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default="docs/results/speed")
+    ap.add_argument("--out", default="runs/speed/speed", help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = {"model": args.model, "threads": args.threads, "batch": args.batch, "rank": args.rank}
@@ -235,6 +235,7 @@ def main(argv=None) -> None:
     report["ft"] = ft_speed(model, tok, edits[:10])
     report["mend_vs_ft"] = report["ft"]["ft_seconds_median"] / report["edit"]["edit_seconds"]
     print(f"MEND edit is {report['mend_vs_ft']:.1f}x faster than ft")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(Path(args.out + ".json"), report)
     Path(args.out + ".md").write_text(to_markdown(report))
     print(f"wrote {args.out}.json and .md")

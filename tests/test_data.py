@@ -536,3 +536,25 @@ def test_rome_layout_accepts_plain_string_targets(tmp_path):
     path.write_text(json.dumps(rec) + "\n")
     (req,) = load_requests(path)
     assert (req.prompt, req.target, req.target_true) == ("A is", "b", "c")
+
+
+def test_load_requests_takes_names_and_slices_of_records(tmp_path, monkeypatch):
+    from mend.data import load_requests
+    from mend.errors import MendError
+
+    path = tmp_path / "facts.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"p{i}", "target": f"t{i}"}) + "\n" for i in range(5))
+    )
+    assert [r.prompt for r in load_requests(f"{path}[1:3]")] == ["p1", "p2"]
+    assert [r.prompt for r in load_requests(f"{path}[3:]")] == ["p3", "p4"]
+    assert len(load_requests(path)) == 5
+    with pytest.raises(MendError, match="no records"):
+        load_requests(f"{path}[9:]")
+    # a data set name resolves through the data folders, sliced the same way
+    monkeypatch.setenv("MEND_DATA_DIR", str(tmp_path))
+    (tmp_path / "zsre").mkdir()
+    rec = {"subject": "s", "src": "q?", "pred": "a", "rephrase": "q2?", "alt": "b",
+           "answers": ["a"], "loc": "nq question: x", "loc_ans": "y", "cond": ""}  # fmt: skip
+    (tmp_path / "zsre" / "zsre_mend_train-1k.json").write_text(json.dumps([rec] * 4))
+    assert len(load_requests("zsre-train[2:]")) == 2

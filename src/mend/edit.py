@@ -194,7 +194,7 @@ class MendEditor:
         Args:
             factors: from `factors()`.
             row_group: (R,) edit group of each row of the batch run inside; None means
-                group 0 for every row (a single or joint edit).
+                group 0 for every row (a single or batched edit).
         """
 
         def make_hook(name: str):

@@ -4,7 +4,7 @@ from mend.models import load_model
 from mend.checkpoint import load_editor
 from mend.edit import MendEditor
 from mend.data import load_checked
-from mend.data.collate import context_length
+from mend.models import context_length
 from mend.evaluate import score, summarize
 torch.set_num_threads(2)
 n, every = int(sys.argv[1]), int(sys.argv[2])

@@ -137,7 +137,9 @@ def train(
                 val = validate(editor, val_data, cfg, stack)
             # A late locality weight trades validation accuracy for locality on purpose: the
             # checkpoints before it do not compete with the ones it shapes.
-            late = is_late(state["step"] - 1, cfg) and not is_late(state.get("best_step", 0) - 1, cfg)
+            late = is_late(state["step"] - 1, cfg) and not is_late(
+                state.get("best_step", 0) - 1, cfg
+            )
             improved = selection_key(val) < state["best"] or late
             if improved:
                 state |= {"best": selection_key(val), "bad": 0, "best_val": val,

@@ -27,7 +27,9 @@ def batch_size_at(step: int, cfg: TrainConfig) -> int:
 
 def is_late(step: int, cfg: TrainConfig) -> bool:
     """Whether step (0-based) runs with the late locality weight."""
-    return bool(cfg.loss.locality_late) and step >= cfg.schedule.late_fraction * cfg.schedule.max_steps
+    return (
+        bool(cfg.loss.locality_late) and step >= cfg.schedule.late_fraction * cfg.schedule.max_steps
+    )
 
 
 def step_config(step: int, cfg: TrainConfig) -> TrainConfig:

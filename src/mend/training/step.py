@@ -106,9 +106,7 @@ def edit_step(
     if stack is None:
         factors, logits, base, rows_of, labels = forward_reference(editor, reqs, rows, batch_size)
     else:
-        factors, logits, base, rows_of, labels = forward_fast(
-            editor, stack, reqs, rows, batch_size
-        )
+        factors, logits, base, rows_of, labels = forward_fast(editor, stack, reqs, rows, batch_size)
     n_gen = len(rows.gen)
     gen_pos = rows_of < n_gen
     l_edit = masked_nll(logits[gen_pos], labels[gen_pos], rows_of[gen_pos], n_gen)
@@ -143,7 +141,9 @@ def validate(
     with torch.no_grad():
         for i in range(0, len(val), n):
             reqs = val[i : i + n]
-            _, stats = edit_step(editor, reqs, build_rows(reqs, val, cfg.sampling, None), cfg, stack)
+            _, stats = edit_step(
+                editor, reqs, build_rows(reqs, val, cfg.sampling, None), cfg, stack
+            )
             for k, v in stats.items():
                 totals.setdefault(k, []).append(v * len(reqs))
     editor.net.train()
