@@ -93,6 +93,9 @@ def test_every_shipped_recipe_loads_and_validates(name):
 def test_the_shipped_recipes_hold_the_published_settings():
     cf = load_recipe("counterfact").config
     assert not cf.editor.share and cf.seed == 1 and cf.loss.locality_late == 5.0
+    # settings a recipe leaves out keep the library's defaults (the preconditioner among them)
+    assert cf.editor.precondition == TrainConfig().editor.precondition == 0.1
+    assert cf.editor.rank == 512 and cf.sampling.edits_per_step == 4
     assert (cf.sampling.hard_locality, cf.sampling.hard_locality_late) == ("answer", "nearest")
     assert (cf.schedule.max_steps, cf.schedule.minutes, cf.schedule.ema) == (7000, 58, 0.998)
     assert load_recipe("zsre").val == "zsre-eval[600:]"

@@ -255,7 +255,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if isinstance(self.editor, dict):
-            self.editor = EditorConfig.from_dict(self.editor)
+            self.editor = _from_dict(EditorConfig, self.editor)
         for name, cls in _GROUPS.items():
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, _from_dict(cls, getattr(self, name)))
@@ -282,7 +282,8 @@ class TrainConfig:
         for name in _GROUPS:
             grouped[name] |= data.pop(name, {})
         editor = data.pop("editor", {})
-        editor = EditorConfig.from_dict(editor) if isinstance(editor, dict) else editor
+        # (not EditorConfig.from_dict: its default for a missing key is that of old checkpoints)
+        editor = _from_dict(EditorConfig, editor) if isinstance(editor, dict) else editor
         groups = {name: _from_dict(cls_, grouped[name]) for name, cls_ in _GROUPS.items()}
         return _from_dict(cls, data | groups | {"editor": editor})
 
