@@ -28,7 +28,7 @@ def _from_dict(cls, data: dict[str, Any]):
 
 @dataclass
 class EditorConfig:
-    """Shape of the editor networks (MEND_SPEC section 3).
+    """Shape of the editor networks (Mitchell et al., Fast Model Editing at Scale).
 
     Attributes:
         rank: rank r of the low-rank residual blocks (capped at d = in + out).
