@@ -660,3 +660,60 @@ def test_an_edit_of_a_bf16_model_adds_the_change_within_bf16_rounding(tokenizer)
     assert max(sizes) > 0.3 and min(sizes) > 1e-3  # real changes
     result.revert()
     assert all(torch.equal(p.weight, before[p.name]) for p in editor.params)
+
+
+def test_least_squares_edit_gives_every_edited_key_its_value_change(tokenizer):
+    """With independent keys and a small ridge, the solved change S meets each edited token's
+    requested value change v_t = -alpha (u~_t . k_t) d~_t at its key (and the sum does not).
+    (Rows that share a prefix share its keys, so one row keeps the keys independent.)"""
+    from conftest import tiny_mend
+
+    editor = tiny_mend(tokenizer, aggregate="ls", ridge=1e-8)
+    editor.net.eval()
+    reqs = fact_requests(1)  # one row: distinct keys, fewer than a matrix's inputs
+    batch = editor.batch([(r.prompt, r.target) for r in reqs])
+    with torch.no_grad():
+        captured, _ = editor._capture(batch)
+        factors = editor.factors(batch, batch_size=None, captured=captured)
+        solved = editor._least_squares(factors, captured, batch)
+    checked = 0
+    for p in editor.params:
+        u, delta = captured[p.name]
+        mask = batch.attention_mask.bool() & (delta != 0).any(-1)
+        keys = u[mask].float()  # (n, in)
+        if len(keys) >= keys.shape[1]:  # (every position carries a gradient)
+            continue
+        checked += 1
+        alpha = editor.net.alpha(p.name).detach()
+        u_t, d_t = (f[0][mask.reshape(-1)] for f in factors[p.name])
+        want = -alpha * (u_t * keys).sum(-1, keepdim=True) * d_t  # (n, out)
+        s = -alpha * solved[p.name][1][0].T @ solved[p.name][0][0]  # (out, in)
+        summed = -alpha * factors[p.name][1][0].T @ factors[p.name][0][0]
+        got, crosstalk = keys @ s.T, keys @ summed.T
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+        assert (crosstalk - want).abs().max() > 10 * (got - want).abs().max()
+    assert checked >= 3
+
+
+def test_least_squares_edits_apply_revert_and_the_ls_control_lands(tokenizer):
+    from conftest import tiny_model
+
+    from mend.baselines import make_baseline
+
+    model = tiny_model("llama", len(tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    control = make_baseline("ls", model, tokenizer, ls_lr=50.0)
+    reqs = fact_requests(4)
+    result = control.edit(reqs)
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert moved and all("mlp" in n for n in moved)
+    result.revert()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(MendError, match="aggregate"):
+        tiny_mend_with(tokenizer, aggregate="mean")
+
+
+def tiny_mend_with(tokenizer, **kw):
+    from conftest import tiny_mend
+
+    return tiny_mend(tokenizer, **kw)

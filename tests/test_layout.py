@@ -13,9 +13,9 @@ LAYER = {
     "models": 2, "editor": 2, "data": 2,
     "losses": 3, "grads": 3, "result": 3,
     "metrics": 4, "shield": 4, "checkpoint": 4,
-    "edit": 5, "baselines": 5,
+    "edit": 5,
     "plots": 5,
-    "evaluate": 6, "training": 6,
+    "evaluate": 6, "training": 6, "baselines": 6,
     "demo": 7,
     "cli": 8,
 }  # fmt: skip

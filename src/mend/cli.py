@@ -11,7 +11,13 @@ from pathlib import Path
 from mend.errors import MendError
 from mend.training.recipe import recipe_names
 
-BASELINE_NAMES = ("ft", "ft-kl", "grad", "none")  # mend.baselines.BASELINES, without loading torch
+BASELINE_NAMES = (
+    "ft",
+    "ft-kl",
+    "grad",
+    "ls",
+    "none",
+)  # mend.baselines.BASELINES, without loading torch
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -41,6 +47,12 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
         "edits are not shielded. Default: off",
     )  # fmt: skip
     p.add_argument("--shield-facts", type=int, default=16, help="nearest facts to shield")
+    p.add_argument(
+        "--aggregate", choices=("sum", "ls"), default="sum",
+        help="how the requests of a batched edit combine: MEND's changes summed, or one "
+        "least-squares change giving every edited token's key its value (see MendEditor)",
+    )  # fmt: skip
+    p.add_argument("--ridge", type=float, default=1e-2, help="--aggregate ls: relative ridge")
     p.add_argument(
         "--editor-fp32", action="store_true",
         help="run the editor networks in fp32 throughout (default: their large products in "
@@ -92,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--ft-lr", type=float, default=5e-4, help="ft / ft-kl learning rate")
     e.add_argument("--ft-steps", type=int, default=40, help="ft / ft-kl step limit per edit")
     e.add_argument("--grad-lr", type=float, default=1e-3, help="grad: step size")
+    e.add_argument("--ls-lr", type=float, default=100.0, help="ls: step of the identity editor")
     e.add_argument("--loc-data", default="wikitext-valid", help="ft-kl: text for locality inputs")
     e.add_argument("--data", required=True)
     e.add_argument("--limit", type=int, default=None)
@@ -270,7 +283,8 @@ def _mend_editor(args, model, tok):
 
     net = load_editor(args.editor, model)
     editor = MendEditor(model, tok, net, boost=args.boost, start=args.start,
-                    editor_bf16=False if args.editor_fp32 else None)  # fmt: skip
+                        editor_bf16=False if args.editor_fp32 else None,
+                        aggregate=args.aggregate, ridge=args.ridge)  # fmt: skip
     if args.shield is not None:
         from mend.shield import BANK_FILE, KeyBank, Shield
 
@@ -285,7 +299,7 @@ def _method(args, model, tok):
 
     if args.method == "mend":
         return _mend_editor(args, model, tok)
-    options = {k: getattr(args, k) for k in ("ft_lr", "ft_steps", "grad_lr", "loc_data")}
+    options = {k: getattr(args, k) for k in ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "loc_data")}
     return make_baseline(args.method, model, tok, **options)
 
 

@@ -86,6 +86,12 @@ class MendEditor:
             taken (edits; training stays fp32): an edit's cost there is reading the editor's
             weights, and bf16 halves it (`EditorNet.forward`). None (default): where bf16 is
             fast (`bf16_is_fast`: bf16 GPUs, CPUs with bf16 units); False: fp32 throughout.
+        aggregate: how the requests of a batched edit combine. "sum" adds MEND's changes
+            (the paper). "ls" reads each edited token's change as a value change at its own
+            key, d = -alpha (u~ . k) delta~, and solves one ridge least-squares system per
+            matrix so that every key gets its value and the requests do not act on each
+            other's keys (MALMEN, Tan et al. 2024): W += D K^T (K K^T + lambda I)^-1.
+        ridge: lambda of that solve, relative to the mean squared norm of the keys.
     """
 
     def __init__(
@@ -99,6 +105,8 @@ class MendEditor:
         anchored: bool = True,
         shield: Shield | None = None,
         editor_bf16: bool | None = None,
+        aggregate: str = "sum",
+        ridge: float = 1e-2,
     ):
         self.model, self.tokenizer, self.net = model, tokenizer, net
         self.shield = shield
@@ -106,6 +114,11 @@ class MendEditor:
         self.start = float(start)
         self.check_batches = check_batches
         self.anchored = anchored
+        if aggregate not in ("sum", "ls"):
+            raise MendError(f"aggregate must be 'sum' or 'ls', got {aggregate!r}")
+        if not ridge > 0:
+            raise MendError(f"ridge must be > 0, got {ridge}")
+        self.aggregate, self.ridge = aggregate, float(ridge)
         if any(not s > 0 for s in self.boost):
             raise MendError(f"boost scales must be > 0, got {self.boost}")
         if not 0 < self.start < float("inf"):
@@ -361,6 +374,30 @@ class MendEditor:
             out[name] = (torch.cat([u, u_x], 1), torch.cat([d, d_x], 1))
         return out
 
+    def _least_squares(self, factors: Factors, captured: dict, batch: TokenBatch) -> Factors:
+        """One edit whose change gives every edited token's key its own value change.
+
+        Token t of the edit (key k_t, the matrix's input there; editor output u~_t, d~_t)
+        asks for the output change v_t = -alpha (u~_t . k_t) d~_t: what its own rank-one
+        change does at its own key. S = V K^T (K K^T + lambda I)^-1 is the ridge
+        least-squares change meeting all of them, and in factor form u'_t = (u~_t . k_t)
+        (K K^T + lambda I)^-1 k_t with d~_t unchanged, so S = -alpha sum_t d~_t u'_t^T.
+        lambda is `ridge` times the keys' mean squared norm.
+        """
+        out = {}
+        for name, (u_t, d_t) in factors.items():
+            u, delta = captured[name]
+            mask = batch.attention_mask.bool() & (delta != 0).any(-1)  # the edited tokens
+            keys = (u.float() * mask[..., None]).reshape(-1, u.shape[-1])  # (T, in)
+            coef = (u_t[0] * keys).sum(-1)  # (T,) u~ . k, zero on empty slots
+            n = int(mask.sum())
+            gram = keys.T @ keys  # (in, in)
+            lam = self.ridge * float(gram.diagonal().sum()) / max(n, 1)
+            gram.diagonal().add_(lam)
+            solved = torch.linalg.solve(gram, keys.T).T  # (T, in): (K K^T + lambda I)^-1 k_t
+            out[name] = ((coef[:, None] * solved)[None], d_t)
+        return out
+
     def _shield_of(self, captured: dict, batch: TokenBatch):
         """The shield of a single edit (identity when off, and for batched edits)."""
         if self.shield is None or len(batch) != 1:
@@ -393,6 +430,8 @@ class MendEditor:
                 shield = self._shield_of(captured, batch)
 
                 def finish(f: Factors) -> Factors:  # what lands: the check scores exactly it
+                    if self.aggregate == "ls":
+                        return shield(self._least_squares(f, captured, batch))
                     return shield(self._shared_once(f, keep))
 
                 alone = len(requests) == 1 and not anchored  # joins no other edit

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mend.baselines.ft import FTEditor, kl_prompts
+from mend.baselines.ls import least_squares_editor
 from mend.baselines.simple import GradEditor, NoEdit
 from mend.errors import MendError
 
@@ -28,19 +29,28 @@ def _grad(model, tokenizer, grad_lr: float = 1e-3, **_):
     return GradEditor(model, tokenizer, lr=grad_lr)
 
 
+def _ls(model, tokenizer, ls_lr: float = 100.0, **_):
+    return least_squares_editor(model, tokenizer, lr=ls_lr)
+
+
 def _none(model, tokenizer, **_):
     return NoEdit(model, tokenizer)
 
 
 # name -> builder(model, tokenizer, **options); options a builder does not use are ignored
-BASELINES: dict[str, Callable] = {"ft": _ft, "ft-kl": _ft_kl, "grad": _grad, "none": _none}
+BASELINES: dict[str, Callable] = {
+    "ft": _ft, "ft-kl": _ft_kl, "grad": _grad, "ls": _ls, "none": _none,
+}  # fmt: skip
 
 
 def make_baseline(name: str, model, tokenizer, **options):
-    """The baseline method `name` for model, with its options (ft_lr, ft_steps, grad_lr, loc_data)."""
+    """The baseline method `name` for model, with its options (ft_lr, ft_steps, grad_lr, ls_lr, loc_data)."""
     if name not in BASELINES:
         raise MendError(f"unknown method {name!r}; choose one of {', '.join(BASELINES)}")
     return BASELINES[name](model, tokenizer, **options)
 
 
-__all__ = ["BASELINES", "FTEditor", "GradEditor", "NoEdit", "kl_prompts", "make_baseline"]
+__all__ = [
+    "BASELINES", "FTEditor", "GradEditor", "NoEdit", "kl_prompts", "least_squares_editor",
+    "make_baseline",
+]  # fmt: skip
