@@ -52,7 +52,7 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
         help="how the requests of a batched edit combine: MEND's changes summed, or one "
         "least-squares change giving every edited token's key its value (see MendEditor)",
     )  # fmt: skip
-    p.add_argument("--ridge", type=float, default=1e-2, help="--aggregate ls: relative ridge")
+    p.add_argument("--ridge", type=float, default=1e-4, help="--aggregate ls: relative ridge")
     p.add_argument(
         "--editor-fp32", action="store_true",
         help="run the editor networks in fp32 throughout (default: their large products in "

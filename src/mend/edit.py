@@ -106,7 +106,7 @@ class MendEditor:
         shield: Shield | None = None,
         editor_bf16: bool | None = None,
         aggregate: str = "sum",
-        ridge: float = 1e-2,
+        ridge: float = 1e-4,
     ):
         self.model, self.tokenizer, self.net = model, tokenizer, net
         self.shield = shield

@@ -14,7 +14,7 @@ from mend.editor.net import EditorNet
 from mend.models.params import find_editable
 
 
-def least_squares_editor(model, tokenizer, lr: float = 100.0, ridge: float = 1e-2, edit_modules=()):
+def least_squares_editor(model, tokenizer, lr: float = 100.0, ridge: float = 1e-4, edit_modules=()):
     """A MendEditor whose editor is the identity (u~ = k, delta~ = delta, step `lr`), solving."""
     shapes = {p.name: p.in_out for p in find_editable(model, edit_modules)}
     config = EditorConfig(n_blocks=0, init_alpha=lr, precondition=None, edit_modules=edit_modules)
