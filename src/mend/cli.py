@@ -54,6 +54,11 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--ridge", type=float, default=1e-4, help="--aggregate ls: relative ridge")
     p.add_argument(
+        "--preserve", type=float, default=0.0, metavar="MU",
+        help="--aggregate ls (and --method ls): hold the outputs of ordinary text's keys "
+        "(WikiText, cached once per model) with this weight (0: off)",
+    )  # fmt: skip
+    p.add_argument(
         "--editor-fp32", action="store_true",
         help="run the editor networks in fp32 throughout (default: their large products in "
         "bf16 where the hardware has fast bf16, halving the editor's share of an edit)",
@@ -277,6 +282,16 @@ def _check_out_file(path: str | None, flag: str) -> None:
         raise MendError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
+def _text_moments(args, model, tok, net):
+    """Ordinary text's key moments for --preserve (None when off)."""
+    if not args.preserve:
+        return None
+    from mend.key_stats import text_key_moments
+    from mend.models import find_editable
+
+    return text_key_moments(model, tok, find_editable(model, net.names))
+
+
 def _mend_editor(args, model, tok):
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
@@ -284,7 +299,8 @@ def _mend_editor(args, model, tok):
     net = load_editor(args.editor, model)
     editor = MendEditor(model, tok, net, boost=args.boost, start=args.start,
                         editor_bf16=False if args.editor_fp32 else None,
-                        aggregate=args.aggregate, ridge=args.ridge)  # fmt: skip
+                        aggregate=args.aggregate, ridge=args.ridge, preserve=args.preserve,
+                        text_moments=_text_moments(args, model, tok, net))  # fmt: skip
     if args.shield is not None:
         from mend.shield import BANK_FILE, KeyBank, Shield
 
@@ -299,7 +315,10 @@ def _method(args, model, tok):
 
     if args.method == "mend":
         return _mend_editor(args, model, tok)
-    options = {k: getattr(args, k) for k in ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "loc_data")}
+    options = {
+        k: getattr(args, k)
+        for k in ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "preserve", "loc_data")
+    }
     return make_baseline(args.method, model, tok, **options)
 
 

@@ -92,6 +92,9 @@ class MendEditor:
             matrix so that every key gets its value and the requests do not act on each
             other's keys (MALMEN, Tan et al. 2024): W += D K^T (K K^T + lambda I)^-1.
         ridge: lambda of that solve, relative to the mean squared norm of the keys.
+        preserve: with "ls", how strongly the keys of ordinary text keep their outputs:
+            mu n C0 joins K K^T in the solve, n the number of edited tokens and C0 =
+            E[k k^T] over running text (`text_moments`, from `key_stats.text_key_moments`).
     """
 
     def __init__(
@@ -107,6 +110,8 @@ class MendEditor:
         editor_bf16: bool | None = None,
         aggregate: str = "sum",
         ridge: float = 1e-4,
+        preserve: float = 0.0,
+        text_moments: dict[str, torch.Tensor] | None = None,
     ):
         self.model, self.tokenizer, self.net = model, tokenizer, net
         self.shield = shield
@@ -119,6 +124,9 @@ class MendEditor:
         if not ridge > 0:
             raise MendError(f"ridge must be > 0, got {ridge}")
         self.aggregate, self.ridge = aggregate, float(ridge)
+        if preserve < 0 or (preserve > 0 and text_moments is None):
+            raise MendError("preserve must be >= 0, and > 0 needs the text's key moments")
+        self.preserve, self.text_moments = float(preserve), text_moments
         if any(not s > 0 for s in self.boost):
             raise MendError(f"boost scales must be > 0, got {self.boost}")
         if not 0 < self.start < float("inf"):
@@ -393,6 +401,8 @@ class MendEditor:
             n = int(mask.sum())
             gram = keys.T @ keys  # (in, in)
             lam = self.ridge * float(gram.diagonal().sum()) / max(n, 1)
+            if self.preserve:
+                gram += self.preserve * n * self.text_moments[name].to(gram)
             gram.diagonal().add_(lam)
             solved = torch.linalg.solve(gram, keys.T).T  # (T, in): (K K^T + lambda I)^-1 k_t
             out[name] = ((coef[:, None] * solved)[None], d_t)

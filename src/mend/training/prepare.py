@@ -8,12 +8,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from mend.data.collate import IGNORE, TokenBatch, encode
+from mend.data.collate import TokenBatch, encode
 from mend.data.sources import resolve_data
-from mend.data.text import read_text, token_windows
+from mend.data.text import read_text
 from mend.edit import MendEditor
 from mend.errors import MendError
 from mend.grads import prompt_keys
+from mend.key_stats import text_batches
 from mend.models.upper import UpperStack
 from mend.shield import unit_rows
 from mend.training.sampling import as_probe, record_rows
@@ -84,15 +85,7 @@ def text_windows(
     editor: MendEditor, text: str, n_tokens: int, window: int = 128
 ) -> list[TokenBatch]:
     """About n_tokens of `text` as full windows of `window` tokens, 16 windows per batch."""
-    window = min(window, editor.max_len)
-    x = token_windows(editor.tokenizer, text, max(1, -(-n_tokens // window)), window)
-    return [
-        TokenBatch(
-            rows, torch.ones_like(rows), torch.zeros_like(rows, dtype=torch.bool),
-            torch.full_like(rows, IGNORE), torch.arange(len(rows)),
-        ).to(editor.device)
-        for rows in x.split(16)
-    ]  # fmt: skip
+    return text_batches(editor.tokenizer, text, n_tokens, editor.max_len, editor.device, window)
 
 
 def key_batches(
