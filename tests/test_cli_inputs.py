@@ -102,3 +102,11 @@ def test_forcing_bf16_where_it_is_slow_warns(tmp_path, monkeypatch, caplog):
     assert len([w for w in warnings if "no fast bf16" in w]) == 2  # the model, the forced pass
     assert stack.lower_dtype == torch.bfloat16  # what the user asked for, warned
     assert auto.lower_dtype is None  # "auto" keeps fp32 where bf16 is slow
+
+
+def test_sequential_evaluation_flags(capsys, tmp_path):
+    base = ["eval", "--method", "none", "--data", "d", "--out", str(tmp_path / "r.json")]
+    _fails(capsys, [*base, "--every", "5"], "--every needs --sequential")
+    _fails(capsys, [*base, "--sequential", "--limit", "10", "--every", "20"], "--every")
+    _fails(capsys, [*base, "--sequential", "--batch-size", "0"], "--batch-size")
+    assert not (tmp_path / "r.json").exists()

@@ -717,3 +717,24 @@ def tiny_mend_with(tokenizer, **kw):
     from conftest import tiny_mend
 
     return tiny_mend(tokenizer, **kw)
+
+
+def test_sequential_evaluation_keeps_batches_applied_then_restores_the_weights(tokenizer):
+    from mend.baselines import GradEditor
+    from mend.evaluate import evaluate, evaluate_sequential
+
+    model = tiny_model("llama", len(tokenizer))
+    method = GradEditor(model, tokenizer, lr=1.0)  # large steps: visible in every score
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reqs = fact_requests(6)
+    report = evaluate_sequential(model, tokenizer, method, reqs, batch_size=2, every=4,
+                                 progress=False)  # fmt: skip
+    assert [c["n_edits"] for c in report["curve"]] == [4, 6] and len(report["batch_seconds"]) == 3
+    assert report["curve"][-1]["efficacy_score"] == report["efficacy_score"]  # the end, once more
+    assert report["pre"]["locality_acc"] == 1.0 and report["efficacy_score"] > 0.5
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # kept applied, the batches disturb each other: worse locality than batch by batch
+    apart = evaluate(model, tokenizer, method, reqs, batch_size=2, progress=False)
+    assert report["locality_acc"] <= apart["locality_acc"]
+    with pytest.raises(MendError, match="every"):
+        evaluate_sequential(model, tokenizer, method, reqs, batch_size=2, every=7)

@@ -119,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         "does not score)",
     )  # fmt: skip
     e.add_argument("--batch-size", type=int, default=1, help="edits applied together")
+    e.add_argument(
+        "--sequential", action="store_true",
+        help="keep every batch applied, one after another, and score all edits at the end "
+        "(default: each batch scored and reverted before the next)",
+    )  # fmt: skip
+    e.add_argument("--every", type=int, metavar="M",
+                   help="with --sequential: also re-score all edits so far every M edits")  # fmt: skip
     e.add_argument("--out", required=True, help="report JSON path")
 
     d = sub.add_parser("edit", help="edit facts and show the answers before and after")
@@ -334,6 +341,10 @@ def cmd_eval(args) -> int:
         raise MendError("--skip must be >= 0")
     if args.method == "mend" and not args.editor:
         raise MendError("--method mend needs --editor")
+    if args.every is not None and not args.sequential:
+        raise MendError("--every needs --sequential")
+    if args.every is not None and (args.every < 1 or (args.limit and args.every > args.limit)):
+        raise MendError(f"--every must be between 1 and --limit, got {args.every}")
     _check_out_file(args.out, "--out")
     model, tok = _load(args)
     method = _method(args, model, tok)
@@ -341,10 +352,17 @@ def cmd_eval(args) -> int:
     data = _load_data(args.data, tok, model, end)[args.skip :]
     if not data:
         raise MendError(f"no records left after --skip {args.skip}")
-    report = evaluate(model, tok, method, data, batch_size=args.batch_size, per_edit=True)
-    edits = report.pop("edits")  # (listed last in the file)
+    if args.sequential:
+        from mend.evaluate import evaluate_sequential
+
+        report = evaluate_sequential(model, tok, method, data, args.batch_size, args.every)
+        last = "curve"
+    else:
+        report = evaluate(model, tok, method, data, batch_size=args.batch_size, per_edit=True)
+        last = "edits"
+    listed = report.pop(last)  # (listed last in the file)
     report |= {"method": args.method, "model": args.model, "editor": args.editor, "data": args.data}
-    report["edits"] = edits
+    report[last] = listed
     write_json(args.out, report)
     print(format_report(report))
     return 0

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from mend.data.collate import make_batch
 from mend.data.text import token_windows
+from mend.errors import MendError
 from mend.metrics import all_correct, argmax_unchanged, mean_logprob
 from mend.models import context_length
 from mend.models.forward import scored_logits
@@ -176,6 +177,68 @@ def evaluate(
     report["pre"] = summarize(pre)
     if per_edit:
         report["edits"] = edits
+    return report
+
+
+def _merged(scores: list[dict]) -> dict[str, float | None]:
+    outcomes = defaultdict(list)
+    for one in scores:
+        for k, v in one["metrics"].items():
+            outcomes[k].extend(v)
+    return summarize(outcomes)
+
+
+def evaluate_sequential(
+    model,
+    tokenizer,
+    method: EditMethod,
+    requests: list[EditRequest],
+    batch_size: int = 1,
+    every: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Apply the requests `batch_size` at a time, one batch after another, keeping each.
+
+    Every edit made so far is re-scored after every `every` edits (a curve) and at the end;
+    locality compares with the unedited model. Afterwards every batch is reverted, last
+    first, which restores the weights exactly.
+
+    Returns:
+        The final scores of all edits (as `evaluate`'s report), plus "curve": a list of
+        {"n_edits", metrics...} and "batch_seconds": each batch's edit time.
+    """
+    if batch_size < 1:
+        raise MendError(f"batch_size must be >= 1, got {batch_size}")
+    if every is not None and not 1 <= every <= len(requests):
+        raise MendError(f"every must be between 1 and the number of edits ({len(requests)})")
+    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    bases = [score(model, tokenizer, b) for b in batches]  # the unedited model, per batch
+    results, curve = [], []
+
+    def rescore(n: int) -> list[dict]:  # every edit of the first n batches, as the model is now
+        return [
+            score(model, tokenizer, b, base) for b, base in zip(batches[:n], bases[:n], strict=True)
+        ]
+
+    try:
+        for n, batch in enumerate(tqdm(batches, desc="sequential edits", disable=not progress,
+                                       leave=False), start=1):  # fmt: skip
+            results.append(method.edit(batch))
+            done = min(n * batch_size, len(requests))
+            if every is not None and (done % every < len(batch) or done == len(requests)):
+                curve.append({"n_edits": done} | _merged(rescore(n)))
+        final = rescore(len(batches))
+    finally:
+        for result in reversed(results):
+            result.revert()
+    seconds = [r.seconds for r in results]
+    report = {"n_edits": len(requests), "batch_size": batch_size, "sequential": True}
+    report |= _merged(final)
+    report["edit_seconds_median"] = statistics.median(seconds) if seconds else None
+    report["edit_seconds_mean"] = statistics.fmean(seconds) if seconds else None
+    report["pre"] = _merged(bases)
+    report["curve"] = curve
+    report["batch_seconds"] = seconds
     return report
 
 
