@@ -738,3 +738,33 @@ def test_sequential_evaluation_keeps_batches_applied_then_restores_the_weights(t
     assert report["locality_acc"] <= apart["locality_acc"]
     with pytest.raises(MendError, match="every"):
         evaluate_sequential(model, tokenizer, method, reqs, batch_size=2, every=7)
+
+
+def test_least_squares_edits_in_sequence_keep_the_earlier_keys(tokenizer):
+    """A later solved edit leaves the outputs at the keys of earlier edits still applied (with
+    memory), moves them without; a reverted edit's keys are forgotten."""
+    from conftest import tiny_mend
+
+    first, second = fact_requests(8)[0], fact_requests(8)[5]
+    name = "model.layers.3.mlp.down_proj"
+
+    def drift(remember: bool, revert_first: bool = False) -> float:
+        editor = tiny_mend(tokenizer, aggregate="ls", remember=remember, boost=())
+        p = next(q for q in editor.params if q.name == name)
+        batch = editor.batch([(first.prompt, first.target)])
+        with torch.no_grad():
+            captured, _ = editor._capture(batch)
+        u, delta = captured[name]
+        keys = u[batch.attention_mask.bool() & (delta != 0).any(-1)].float()
+        r1 = editor.edit([first])
+        if revert_first:
+            r1.revert()
+        w1 = p.weight.detach().clone()
+        editor.edit([second])
+        change = p.weight.detach() - w1  # (out, in), llama's Linear
+        assert (name in editor._past_sum) == remember
+        return float((keys @ change.T).norm() / (keys.norm() * change.norm()))
+
+    kept, moved = drift(True), drift(False)
+    assert kept < 0.1 * moved, (kept, moved)
+    assert drift(True, revert_first=True) > 0.5 * moved  # nothing left to keep

@@ -92,6 +92,9 @@ class MendEditor:
             matrix so that every key gets its value and the requests do not act on each
             other's keys (MALMEN, Tan et al. 2024): W += D K^T (K K^T + lambda I)^-1.
         ridge: lambda of that solve, relative to the mean squared norm of the keys.
+        remember: with "ls", later edits keep the outputs at the keys of the earlier edits
+            that are still applied (their key sum joins K K^T), so a sequence of batches
+            does not undo itself.
         preserve: with "ls", how strongly the keys of ordinary text keep their outputs:
             mu n C0 joins K K^T in the solve, n the number of edited tokens and C0 =
             E[k k^T] over running text (`text_moments`, from `key_stats.text_key_moments`).
@@ -112,6 +115,7 @@ class MendEditor:
         ridge: float = 1e-4,
         preserve: float = 0.0,
         text_moments: dict[str, torch.Tensor] | None = None,
+        remember: bool = True,
     ):
         self.model, self.tokenizer, self.net = model, tokenizer, net
         self.shield = shield
@@ -127,6 +131,13 @@ class MendEditor:
         if preserve < 0 or (preserve > 0 and text_moments is None):
             raise MendError("preserve must be >= 0, and > 0 needs the text's key moments")
         self.preserve, self.text_moments = float(preserve), text_moments
+        # Keys of the least-squares edits still applied: a later solve keeps their outputs
+        # (the running key sum of sequential editing). The sum, and each edit's own keys to
+        # take it back out when that edit is reverted.
+        self.remember = remember
+        self._past_sum: dict[str, torch.Tensor] = {}
+        self._past: list[tuple[EditResult, dict[str, torch.Tensor]]] = []
+        self._pending: dict[str, torch.Tensor] = {}
         if any(not s > 0 for s in self.boost):
             raise MendError(f"boost scales must be > 0, got {self.boost}")
         if not 0 < self.start < float("inf"):
@@ -392,6 +403,7 @@ class MendEditor:
         (K K^T + lambda I)^-1 k_t with d~_t unchanged, so S = -alpha sum_t d~_t u'_t^T.
         lambda is `ridge` times the keys' mean squared norm.
         """
+        self._forget_reverted()
         out = {}
         for name, (u_t, d_t) in factors.items():
             u, delta = captured[name]
@@ -403,10 +415,28 @@ class MendEditor:
             lam = self.ridge * float(gram.diagonal().sum()) / max(n, 1)
             if self.preserve:
                 gram += self.preserve * n * self.text_moments[name].to(gram)
+            self._pending[name] = keys[mask.reshape(-1)]
+            if self.remember and name in self._past_sum:
+                gram += self._past_sum[name]
             gram.diagonal().add_(lam)
             solved = torch.linalg.solve(gram, keys.T).T  # (T, in): (K K^T + lambda I)^-1 k_t
             out[name] = ((coef[:, None] * solved)[None], d_t)
         return out
+
+    def _forget_reverted(self) -> None:
+        """Take the keys of edits reverted since out of the running sum."""
+        for _, keys in [entry for entry in self._past if entry[0].reverted]:
+            for name, k in keys.items():
+                self._past_sum[name] -= k.T @ k
+        self._past = [entry for entry in self._past if not entry[0].reverted]
+
+    def _remember(self, result: EditResult) -> None:
+        """Add this edit's keys to the running sum."""
+        for name, k in self._pending.items():
+            gram = k.T @ k
+            self._past_sum[name] = self._past_sum[name] + gram if name in self._past_sum else gram
+        self._past.append((result, dict(self._pending)))
+        self._pending = {}
 
     def _shield_of(self, captured: dict, batch: TokenBatch):
         """The shield of a single edit (identity when off, and for batched edits)."""
@@ -457,6 +487,8 @@ class MendEditor:
                 updates = {p.name: pair for p, pair in self._factor_pairs(factors)}
                 result = EditResult(self.model, self.params, updates, 0.0, self._spares)
                 result.scales = scales
+                if self.aggregate == "ls" and self.remember:
+                    self._remember(result)
         finally:
             self.net.train(was_training)
         result.seconds = time.perf_counter() - start
