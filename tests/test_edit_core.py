@@ -762,7 +762,7 @@ def test_least_squares_edits_in_sequence_keep_the_earlier_keys(tokenizer):
         w1 = p.weight.detach().clone()
         editor.edit([second])
         change = p.weight.detach() - w1  # (out, in), llama's Linear
-        assert (name in editor._past_sum) == remember
+        assert (name in editor.memory) == remember
         return float((keys @ change.T).norm() / (keys.norm() * change.norm()))
 
     kept, moved = drift(True), drift(False)

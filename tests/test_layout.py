@@ -12,7 +12,7 @@ LAYER = {
     "errors": 0, "config": 1, "types": 1, "files": 1, "derived": 1,
     "models": 2, "editor": 2, "data": 2,
     "losses": 3, "grads": 3, "result": 3,
-    "metrics": 4, "shield": 4, "checkpoint": 4, "key_stats": 4,
+    "metrics": 4, "shield": 4, "checkpoint": 4, "key_stats": 4, "aggregate": 4,
     "edit": 5,
     "plots": 5,
     "evaluate": 6, "training": 6, "baselines": 6,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mend.aggregate import KeyMemory, solve_factors
 from mend.checkpoint import load_editor, model_identity, save_editor
 from mend.data.collate import IGNORE, TokenBatch, make_batch
 from mend.editor.net import EditorNet
@@ -132,11 +133,9 @@ class MendEditor:
             raise MendError("preserve must be >= 0, and > 0 needs the text's key moments")
         self.preserve, self.text_moments = float(preserve), text_moments
         # Keys of the least-squares edits still applied: a later solve keeps their outputs
-        # (the running key sum of sequential editing). The sum, and each edit's own keys to
-        # take it back out when that edit is reverted.
+        # (the running key sum of sequential editing).
         self.remember = remember
-        self._past_sum: dict[str, torch.Tensor] = {}
-        self._past: list[tuple[EditResult, dict[str, torch.Tensor]]] = []
+        self.memory = KeyMemory()
         self._pending: dict[str, torch.Tensor] = {}
         if any(not s > 0 for s in self.boost):
             raise MendError(f"boost scales must be > 0, got {self.boost}")
@@ -394,49 +393,22 @@ class MendEditor:
         return out
 
     def _least_squares(self, factors: Factors, captured: dict, batch: TokenBatch) -> Factors:
-        """One edit whose change gives every edited token's key its own value change.
-
-        Token t of the edit (key k_t, the matrix's input there; editor output u~_t, d~_t)
-        asks for the output change v_t = -alpha (u~_t . k_t) d~_t: what its own rank-one
-        change does at its own key. S = V K^T (K K^T + lambda I)^-1 is the ridge
-        least-squares change meeting all of them, and in factor form u'_t = (u~_t . k_t)
-        (K K^T + lambda I)^-1 k_t with d~_t unchanged, so S = -alpha sum_t d~_t u'_t^T.
-        lambda is `ridge` times the keys' mean squared norm.
-        """
-        self._forget_reverted()
+        """One edit whose change gives every edited token's key its own value change, keeping
+        the outputs at earlier edits' keys (`remember`) and ordinary text's (`preserve`);
+        see `mend.aggregate`."""
         out = {}
         for name, (u_t, d_t) in factors.items():
             u, delta = captured[name]
             mask = batch.attention_mask.bool() & (delta != 0).any(-1)  # the edited tokens
             keys = (u.float() * mask[..., None]).reshape(-1, u.shape[-1])  # (T, in)
-            coef = (u_t[0] * keys).sum(-1)  # (T,) u~ . k, zero on empty slots
             n = int(mask.sum())
-            gram = keys.T @ keys  # (in, in)
-            lam = self.ridge * float(gram.diagonal().sum()) / max(n, 1)
+            held = self.memory.held(name) if self.remember else None
             if self.preserve:
-                gram += self.preserve * n * self.text_moments[name].to(gram)
+                text = self.preserve * n * self.text_moments[name].to(keys)
+                held = text if held is None else held + text
             self._pending[name] = keys[mask.reshape(-1)]
-            if self.remember and name in self._past_sum:
-                gram += self._past_sum[name]
-            gram.diagonal().add_(lam)
-            solved = torch.linalg.solve(gram, keys.T).T  # (T, in): (K K^T + lambda I)^-1 k_t
-            out[name] = ((coef[:, None] * solved)[None], d_t)
+            out[name] = (solve_factors(u_t[0], keys, n, self.ridge, held)[None], d_t)
         return out
-
-    def _forget_reverted(self) -> None:
-        """Take the keys of edits reverted since out of the running sum."""
-        for _, keys in [entry for entry in self._past if entry[0].reverted]:
-            for name, k in keys.items():
-                self._past_sum[name] -= k.T @ k
-        self._past = [entry for entry in self._past if not entry[0].reverted]
-
-    def _remember(self, result: EditResult) -> None:
-        """Add this edit's keys to the running sum."""
-        for name, k in self._pending.items():
-            gram = k.T @ k
-            self._past_sum[name] = self._past_sum[name] + gram if name in self._past_sum else gram
-        self._past.append((result, dict(self._pending)))
-        self._pending = {}
 
     def _shield_of(self, captured: dict, batch: TokenBatch):
         """The shield of a single edit (identity when off, and for batched edits)."""
@@ -488,7 +460,8 @@ class MendEditor:
                 result = EditResult(self.model, self.params, updates, 0.0, self._spares)
                 result.scales = scales
                 if self.aggregate == "ls" and self.remember:
-                    self._remember(result)
+                    self.memory.add(result, self._pending)
+                self._pending = {}
         finally:
             self.net.train(was_training)
         result.seconds = time.perf_counter() - start

@@ -1,0 +1,67 @@
+"""Least-squares aggregation of an edit's tokens, and the memory of earlier edits' keys.
+
+Token t of an edit (key k_t, the edited matrix's input there; editor output u~_t, d~_t) asks
+for the output change v_t = -alpha (u~_t . k_t) d~_t: what its own rank-one change does at
+its own key. S = V K^T (K K^T + C + lambda I)^-1 is the ridge least-squares change meeting
+all of them (MALMEN, Tan et al. 2024), where C holds keys whose outputs should stay: those of
+earlier edits still applied (`KeyMemory`) and, weighted, those of ordinary text. In factor
+form u'_t = (u~_t . k_t) (K K^T + C + lambda I)^-1 k_t with d~_t unchanged, so the edit is
+still -alpha sum_t d~_t u'_t^T and applies, reverts and saves like any other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mend.result import EditResult
+
+
+def solve_factors(
+    u_t: torch.Tensor, keys: torch.Tensor, n: int, ridge: float, held: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The least-squares u' (T, in) for an edit's editor outputs u_t (T, in) at keys (T, in).
+
+    Args:
+        n: the number of edited tokens (rows of keys that are not empty slots).
+        ridge: lambda relative to the keys' mean squared norm.
+        held: (in, in) second moments of keys whose outputs should stay, or None.
+    """
+    coef = (u_t * keys).sum(-1)  # (T,) u~ . k, zero on empty slots
+    gram = keys.T @ keys  # (in, in)
+    lam = ridge * float(gram.diagonal().sum()) / max(n, 1)
+    if held is not None:
+        gram += held
+    gram.diagonal().add_(lam)
+    solved = torch.linalg.solve(gram, keys.T).T  # (T, in): (K K^T + C + lambda I)^-1 k_t
+    return coef[:, None] * solved
+
+
+class KeyMemory:
+    """The running sum K K^T of the keys of edits still applied, per edited matrix.
+
+    `add` records an edit's keys with its EditResult; the keys of an edit reverted since leave
+    the sum before the next `held` (the weights revert exactly; the sum to float rounding).
+    """
+
+    def __init__(self):
+        self._sum: dict[str, torch.Tensor] = {}
+        self._entries: list[tuple[EditResult, dict[str, torch.Tensor]]] = []
+
+    def held(self, name: str) -> torch.Tensor | None:
+        self._forget_reverted()
+        return self._sum.get(name)
+
+    def add(self, result: EditResult, keys: dict[str, torch.Tensor]) -> None:
+        for name, k in keys.items():
+            gram = k.T @ k
+            self._sum[name] = self._sum[name] + gram if name in self._sum else gram
+        self._entries.append((result, keys))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._sum
+
+    def _forget_reverted(self) -> None:
+        for _, keys in [entry for entry in self._entries if entry[0].reverted]:
+            for name, k in keys.items():
+                self._sum[name] -= k.T @ k
+        self._entries = [entry for entry in self._entries if not entry[0].reverted]
