@@ -16,24 +16,23 @@ import torch
 from mend.result import EditResult
 
 
-def solve_factors(
-    u_t: torch.Tensor, keys: torch.Tensor, n: int, ridge: float, held: torch.Tensor | None = None
+def solved_keys(
+    keys: torch.Tensor, n: int, ridge: float, held: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The least-squares u' (T, in) for an edit's editor outputs u_t (T, in) at keys (T, in).
+    """(K K^T + C + lambda I)^-1 k_t for every row of keys (T, in): the u'_t of an edit
+    before each is scaled by its u~_t . k_t.
 
     Args:
         n: the number of edited tokens (rows of keys that are not empty slots).
         ridge: lambda relative to the keys' mean squared norm.
-        held: (in, in) second moments of keys whose outputs should stay, or None.
+        held: C, (in, in) second moments of keys whose outputs should stay, or None.
     """
-    coef = (u_t * keys).sum(-1)  # (T,) u~ . k, zero on empty slots
     gram = keys.T @ keys  # (in, in)
     lam = ridge * float(gram.diagonal().sum()) / max(n, 1)
     if held is not None:
         gram += held
     gram.diagonal().add_(lam)
-    solved = torch.linalg.solve(gram, keys.T).T  # (T, in): (K K^T + C + lambda I)^-1 k_t
-    return coef[:, None] * solved
+    return torch.linalg.solve(gram, keys.T).T  # (T, in)
 
 
 class KeyMemory:

@@ -289,16 +289,6 @@ def _check_out_file(path: str | None, flag: str) -> None:
         raise MendError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
-def _text_moments(args, model, tok, net):
-    """Ordinary text's key moments for --preserve (None when off)."""
-    if not args.preserve:
-        return None
-    from mend.key_stats import text_key_moments
-    from mend.models import find_editable
-
-    return text_key_moments(model, tok, find_editable(model, net.names))
-
-
 def _mend_editor(args, model, tok):
     from mend.checkpoint import load_editor
     from mend.edit import MendEditor
@@ -306,8 +296,8 @@ def _mend_editor(args, model, tok):
     net = load_editor(args.editor, model)
     editor = MendEditor(model, tok, net, boost=args.boost, start=args.start,
                         editor_bf16=False if args.editor_fp32 else None,
-                        aggregate=args.aggregate, ridge=args.ridge, preserve=args.preserve,
-                        text_moments=_text_moments(args, model, tok, net))  # fmt: skip
+                        aggregate=args.aggregate, ridge=args.ridge,
+                        preserve=args.preserve)  # fmt: skip
     if args.shield is not None:
         from mend.shield import BANK_FILE, KeyBank, Shield
 

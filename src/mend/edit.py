@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from mend.aggregate import KeyMemory, solve_factors
+from mend.aggregate import KeyMemory, solved_keys
 from mend.checkpoint import load_editor, model_identity, save_editor
 from mend.data.collate import IGNORE, TokenBatch, make_batch
 from mend.editor.net import EditorNet
 from mend.errors import MendError
 from mend.grads import capture, first_scored_inputs
+from mend.key_stats import text_key_moments
 from mend.losses import edit_loss
 from mend.metrics import all_correct, rows_all
 from mend.models import context_length
@@ -98,7 +99,8 @@ class MendEditor:
             does not undo itself.
         preserve: with "ls", how strongly the keys of ordinary text keep their outputs:
             mu n C0 joins K K^T in the solve, n the number of edited tokens and C0 =
-            E[k k^T] over running text (`text_moments`, from `key_stats.text_key_moments`).
+            E[k k^T] over running text (`text_moments`; by default WikiText's, computed once
+            per model by `key_stats.text_key_moments` and cached).
     """
 
     def __init__(
@@ -129,14 +131,14 @@ class MendEditor:
         if not ridge > 0:
             raise MendError(f"ridge must be > 0, got {ridge}")
         self.aggregate, self.ridge = aggregate, float(ridge)
-        if preserve < 0 or (preserve > 0 and text_moments is None):
-            raise MendError("preserve must be >= 0, and > 0 needs the text's key moments")
+        if preserve < 0:
+            raise MendError(f"preserve must be >= 0, got {preserve}")
         self.preserve, self.text_moments = float(preserve), text_moments
         # Keys of the least-squares edits still applied: a later solve keeps their outputs
         # (the running key sum of sequential editing).
         self.remember = remember
         self.memory = KeyMemory()
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if any(not s > 0 for s in self.boost):
             raise MendError(f"boost scales must be > 0, got {self.boost}")
         if not 0 < self.start < float("inf"):
@@ -144,6 +146,8 @@ class MendEditor:
         if self.start != 1 and not self.boost:
             raise MendError("a start scale needs a check: give boost scales too")
         self.params = find_editable(model, net.names)
+        if self.preserve and self.text_moments is None:
+            self.text_moments = text_key_moments(model, tokenizer, self.params)
         for p in self.params:
             if p.in_out != net.shapes[p.name]:
                 raise MendError(
@@ -395,19 +399,24 @@ class MendEditor:
     def _least_squares(self, factors: Factors, captured: dict, batch: TokenBatch) -> Factors:
         """One edit whose change gives every edited token's key its own value change, keeping
         the outputs at earlier edits' keys (`remember`) and ordinary text's (`preserve`);
-        see `mend.aggregate`."""
+        see `mend.aggregate`. The solve depends on the keys only, so the check's scaled tries
+        of one edit reuse it."""
         out = {}
         for name, (u_t, d_t) in factors.items():
-            u, delta = captured[name]
-            mask = batch.attention_mask.bool() & (delta != 0).any(-1)  # the edited tokens
-            keys = (u.float() * mask[..., None]).reshape(-1, u.shape[-1])  # (T, in)
-            n = int(mask.sum())
-            held = self.memory.held(name) if self.remember else None
-            if self.preserve:
-                text = self.preserve * n * self.text_moments[name].to(keys)
-                held = text if held is None else held + text
-            self._pending[name] = keys[mask.reshape(-1)]
-            out[name] = (solve_factors(u_t[0], keys, n, self.ridge, held)[None], d_t)
+            if name not in self._pending:
+                u, delta = captured[name]
+                mask = batch.attention_mask.bool() & (delta != 0).any(-1)  # the edited tokens
+                keys = (u.float() * mask[..., None]).reshape(-1, u.shape[-1])  # (T, in)
+                n = int(mask.sum())
+                held = self.memory.held(name) if self.remember else None
+                if self.preserve:
+                    text = self.preserve * n * self.text_moments[name].to(keys)
+                    held = text if held is None else held + text
+                solved = solved_keys(keys, n, self.ridge, held)
+                self._pending[name] = (keys, solved, mask.reshape(-1))
+            keys, solved, _ = self._pending[name]
+            coef = (u_t[0] * keys).sum(-1, keepdim=True)  # (T, 1) u~ . k, zero on empty slots
+            out[name] = ((coef * solved)[None], d_t)
         return out
 
     def _shield_of(self, captured: dict, batch: TokenBatch):
@@ -429,6 +438,7 @@ class MendEditor:
         if not requests:
             raise MendError("no edit requests given")
         start = time.perf_counter()
+        self._pending = {}  # this edit's least-squares keys and solve, per matrix
         batch = self.batch([(r.prompt, r.target) for r in requests])
         was_training = self.net.training
         self.net.eval()
@@ -460,8 +470,8 @@ class MendEditor:
                 result = EditResult(self.model, self.params, updates, 0.0, self._spares)
                 result.scales = scales
                 if self.aggregate == "ls" and self.remember:
-                    self.memory.add(result, self._pending)
-                self._pending = {}
+                    edited = {n: keys[rows] for n, (keys, _, rows) in self._pending.items()}
+                    self.memory.add(result, edited)
         finally:
             self.net.train(was_training)
         result.seconds = time.perf_counter() - start

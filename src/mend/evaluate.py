@@ -170,14 +170,23 @@ def evaluate(
             for r, outcomes, scale in zip(chunk, edited["per_request"], scales, strict=True):
                 edits.append({"prompt": r.prompt, "target": r.target} | summarize(outcomes)
                              | {"edit_seconds": result.seconds, "scale": scale})  # fmt: skip
-    report = {"n_edits": len(requests), "batch_size": batch_size}
-    report |= summarize(post)
-    report["edit_seconds_median"] = statistics.median(seconds) if seconds else None
-    report["edit_seconds_mean"] = statistics.fmean(seconds) if seconds else None
-    report["pre"] = summarize(pre)
+    report = _report(len(requests), batch_size, summarize(post), summarize(pre), seconds)
     if per_edit:
         report["edits"] = edits
     return report
+
+
+def _report(n: int, batch_size: int, post: dict, pre: dict, seconds: list[float]) -> dict:
+    """The report's summary: scores after and before, edit times."""
+    return (
+        {"n_edits": n, "batch_size": batch_size}
+        | post
+        | {
+            "edit_seconds_median": statistics.median(seconds) if seconds else None,
+            "edit_seconds_mean": statistics.fmean(seconds) if seconds else None,
+            "pre": pre,
+        }
+    )
 
 
 def _merged(scores: list[dict]) -> dict[str, float | None]:
@@ -232,11 +241,8 @@ def evaluate_sequential(
         for result in reversed(results):
             result.revert()
     seconds = [r.seconds for r in results]
-    report = {"n_edits": len(requests), "batch_size": batch_size, "sequential": True}
-    report |= _merged(final)
-    report["edit_seconds_median"] = statistics.median(seconds) if seconds else None
-    report["edit_seconds_mean"] = statistics.fmean(seconds) if seconds else None
-    report["pre"] = _merged(bases)
+    report = _report(len(requests), batch_size, _merged(final), _merged(bases), seconds)
+    report["sequential"] = True
     report["curve"] = curve
     report["batch_seconds"] = seconds
     return report

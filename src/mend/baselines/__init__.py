@@ -13,8 +13,6 @@ from mend.baselines.ft import FTEditor, kl_prompts
 from mend.baselines.ls import least_squares_editor
 from mend.baselines.simple import GradEditor, NoEdit
 from mend.errors import MendError
-from mend.key_stats import text_key_moments
-from mend.models.params import find_editable
 
 
 def _ft(model, tokenizer, ft_lr: float = 5e-4, ft_steps: int = 40, **_):
@@ -31,13 +29,8 @@ def _grad(model, tokenizer, grad_lr: float = 1e-3, **_):
     return GradEditor(model, tokenizer, lr=grad_lr)
 
 
-def _ls(model, tokenizer, ls_lr: float = 100.0, preserve: float = 0.0, loc_data="wikitext-valid",
-        **_):  # fmt: skip
-    moments = None
-    if preserve:
-        params = find_editable(model)
-        moments = text_key_moments(model, tokenizer, params, loc_data)
-    return least_squares_editor(model, tokenizer, lr=ls_lr, preserve=preserve, text_moments=moments)
+def _ls(model, tokenizer, ls_lr: float = 100.0, preserve: float = 0.0, **_):
+    return least_squares_editor(model, tokenizer, lr=ls_lr, preserve=preserve)
 
 
 def _none(model, tokenizer, **_):

@@ -19,7 +19,7 @@ def least_squares_editor(
     text_moments=None, edit_modules=(),
 ):  # fmt: skip
     """A MendEditor whose editor is the identity (u~ = k, delta~ = delta, step `lr`), solving
-    (with `preserve` > 0, holding the keys of ordinary text, `text_moments`, in place)."""
+    (with `preserve` > 0, holding the keys of ordinary text in place: `MendEditor`)."""
     shapes = {p.name: p.in_out for p in find_editable(model, edit_modules)}
     config = EditorConfig(n_blocks=0, init_alpha=lr, precondition=None, edit_modules=edit_modules)
     return MendEditor(model, tokenizer, EditorNet(shapes, config), boost=(), aggregate="ls",
