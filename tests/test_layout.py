@@ -15,6 +15,7 @@ LAYER = {
     "metrics": 4, "shield": 4, "checkpoint": 4, "key_stats": 4, "aggregate": 4,
     "edit": 5,
     "plots": 5,
+    "sequence": 5,
     "evaluate": 6, "training": 6, "baselines": 6,
     "demo": 7,
     "cli": 8,

@@ -38,8 +38,10 @@ def solved_keys(
 class KeyMemory:
     """The running sum K K^T of the keys of edits still applied, per edited matrix.
 
-    `add` records an edit's keys with its EditResult; the keys of an edit reverted since leave
-    the sum before the next `held` (the weights revert exactly; the sum to float rounding).
+    `add` records an edit's keys with its EditResult. Once an edit is reverted its keys leave
+    before the next `held`: the sums are rebuilt from the edits still applied, in the order
+    they were added, so they are bit for bit what adding only those edits gives, and what
+    `replace` rebuilds from saved keys (`EditSequence.load`).
     """
 
     def __init__(self):
@@ -51,16 +53,38 @@ class KeyMemory:
         return self._sum.get(name)
 
     def add(self, result: EditResult, keys: dict[str, torch.Tensor]) -> None:
-        for name, k in keys.items():
-            gram = k.T @ k
-            self._sum[name] = self._sum[name] + gram if name in self._sum else gram
+        """Hold the keys {weight name: (n, in)} of the edit `result` applied."""
         self._entries.append((result, keys))
+        self._add_to_sum(keys)
+
+    def keys_of(self, result: EditResult) -> dict[str, torch.Tensor] | None:
+        """The keys held for `result` (None if it added none or they were forgotten)."""
+        return next((keys for r, keys in self._entries if r is result), None)
+
+    def replace(self, entries: list[tuple[EditResult, dict[str, torch.Tensor]]]) -> None:
+        """Hold exactly these (result, keys), in order, and nothing else."""
+        self._entries = list(entries)
+        self._rebuild()
 
     def __contains__(self, name: str) -> bool:
         return name in self._sum
 
+    def __len__(self) -> int:
+        """How many applied edits' keys are held."""
+        self._forget_reverted()
+        return len(self._entries)
+
+    def _add_to_sum(self, keys: dict[str, torch.Tensor]) -> None:
+        for name, k in keys.items():
+            gram = k.T @ k
+            self._sum[name] = self._sum[name] + gram if name in self._sum else gram
+
+    def _rebuild(self) -> None:
+        self._sum = {}
+        for _, keys in self._entries:
+            self._add_to_sum(keys)
+
     def _forget_reverted(self) -> None:
-        for _, keys in [entry for entry in self._entries if entry[0].reverted]:
-            for name, k in keys.items():
-                self._sum[name] -= k.T @ k
-        self._entries = [entry for entry in self._entries if not entry[0].reverted]
+        if any(result.reverted for result, _ in self._entries):
+            self._entries = [entry for entry in self._entries if not entry[0].reverted]
+            self._rebuild()

@@ -147,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.add_argument("--save-model", help="save the edited model to this folder")
     d.add_argument("--save-delta", help="save only the weight change (safetensors)")
+    d.add_argument(
+        "--state", metavar="DIR",
+        help="keep the model's edits in this folder (an EditSequence): the edits saved there "
+        "are made again first, bit for bit, the new ones join them, and it is saved again",
+    )  # fmt: skip
+    d.add_argument("--revert", type=int, metavar="K",
+                   help="with --state: undo the last K edits kept there (no new edit)")  # fmt: skip
 
     a = sub.add_parser(
         "apply", help="add saved weight deltas (`mend edit --save-delta`) to a model, no editor"
@@ -368,14 +375,27 @@ def cmd_edit(args) -> int:
     from mend.types import EditRequest
 
     no_fact = args.prompt is None
-    if no_fact != (args.target is None) or no_fact == (args.requests is None):
+    if args.revert is not None:
+        if not no_fact or args.target is not None or args.requests is not None:
+            raise MendError("--revert undoes edits: give it no --prompt, --target or --requests")
+        if args.save_delta:
+            raise MendError("--save-delta saves an edit's change: not with --revert")
+    elif no_fact != (args.target is None) or no_fact == (args.requests is None):
         raise MendError("give either --prompt and --target, or --requests FILE")
     if args.one_by_one and args.requests is None:
         raise MendError("--one-by-one needs --requests FILE")
     _check_out_dir(args.save_model, "--save-model")
     _check_out_file(args.save_delta, "--save-delta")
+    _check_state(args.state, args.revert)
     model, tok = _load(args)
     method = _mend_editor(args, model, tok)
+    seq = None
+    if args.state is not None:
+        from mend.sequence import EditSequence
+
+        seq = EditSequence.open(args.state, method)
+    if args.revert is not None:
+        return _revert(args, seq, tok)
     if args.requests is not None:
         requests = _load_data(args.requests, tok, model)
     else:
@@ -384,10 +404,11 @@ def cmd_edit(args) -> int:
     before = [greedy(model, tok, r.prompt, args.max_new_tokens) for r in requests]
     # edits swap new tensors in, so these references keep the unedited weights for free
     unedited = {p.name: p.weight.detach() for p in method.params}
+    edit = method.edit if seq is None else seq.edit
     if args.one_by_one:
-        results = [method.edit([r]) for r in tqdm(requests, desc="edit", leave=False)]
+        results = [edit([r]) for r in tqdm(requests, desc="edit", leave=False)]
     else:
-        results = [method.edit(requests)]
+        results = [edit(requests)]
     holds = method.holds(requests)  # every target token the argmax after its prompt
     for r, b, ok in zip(requests, before, holds, strict=True):
         print(f"prompt: {r.prompt}")
@@ -411,6 +432,40 @@ def cmd_edit(args) -> int:
             deltas = {p.name: p.weight.detach() - unedited[p.name] for p in method.params}
             save_delta(args.save_delta, model, deltas)
         print(f"saved weight delta to {args.save_delta}")
+    if seq is not None:
+        seq.save(args.state)
+        print(f"saved the {len(seq)} edit(s) of the model to {args.state}")
+    return 0
+
+
+def _check_state(path: str | None, revert: int | None) -> None:
+    """--state must be a saved sequence, or a folder still to make; --revert needs a saved one."""
+    from mend.sequence import STATE_FILE
+
+    if path is None:
+        if revert is not None:
+            raise MendError("--revert needs --state DIR: the folder the edits are kept in")
+        return
+    _check_out_dir(path, "--state")
+    saved = (Path(path) / STATE_FILE).is_file()
+    if revert is not None and revert < 1:
+        raise MendError(f"--revert must be >= 1, got {revert}")
+    if revert is not None and not saved:
+        raise MendError(f"--state {path}: no saved edits to revert")
+    if not saved and Path(path).is_dir() and any(Path(path).iterdir()):
+        raise MendError(f"--state {path}: a folder that holds no saved edits ({STATE_FILE})")
+
+
+def _revert(args, seq, tok) -> int:
+    """mend edit --state DIR --revert K: undo the last K edits kept in DIR and save it."""
+    from mend.result import save_model
+
+    seq.revert_last(args.revert)
+    seq.save(args.state)
+    print(f"reverted the last {args.revert} edit(s) of {args.state}; {len(seq)} kept")
+    if args.save_model:
+        save_model(args.save_model, seq.model, tok)
+        print(f"saved the model to {args.save_model}")
     return 0
 
 

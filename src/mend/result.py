@@ -49,10 +49,15 @@ Update = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 class EditResult:
     """An applied edit. The model's weights are already changed in place.
 
+    The constructor is the one function that adds a change to weights: the same updates added
+    to the same weights give the same bits (same ops, dtypes and order), which is what lets an
+    `EditSequence` rebuild edited weights from the base ones, bit for bit.
+
     Args:
         updates: {weight name: the change}, either a tensor in the weight's own layout or a
             low-rank pair (u (T, in), d (T, out)) meaning `EditableParam.outer_sum(u, d)`,
-            which is added in one fused product without materialising the change.
+            which is added in one fused product without materialising the change (the pair
+            is kept contiguous, so its product does not depend on the caller's layout).
         pool: where reverted tensors go for reuse (see WeightPool); None allocates each time.
 
     Attributes:
@@ -73,7 +78,10 @@ class EditResult:
         self.model = model
         self.seconds = seconds
         self.scales: list[float] | None = None
-        self._updates = updates
+        self._updates = {
+            n: tuple(c.contiguous() for c in ch) if isinstance(ch, tuple) else ch
+            for n, ch in updates.items()
+        }
         self._deltas: dict[str, torch.Tensor] | None = None
         self._pool = pool
         self._params = {p.name: p for p in params if p.name in updates}
@@ -81,7 +89,7 @@ class EditResult:
         # reverting is a swap back (bit-exact, no copy) and editing costs one add.
         self._originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, change in updates.items():
+            for name, change in self._updates.items():
                 p = self._params[name]
                 w = p.weight.data
                 new = pool.take(name, w) if pool is not None else torch.empty_like(w)
@@ -94,6 +102,12 @@ class EditResult:
                 self._originals[name] = w
                 p.weight.data = new
         self.reverted = False
+        self.released = False
+
+    @property
+    def updates(self) -> dict[str, Update]:
+        """{weight name: the change} exactly as it was added (a pair or a tensor)."""
+        return self._updates
 
     def _delta(self, name: str) -> torch.Tensor:
         change = self._updates[name]
@@ -109,6 +123,11 @@ class EditResult:
         """Restore the weights exactly (bit for bit) as they were before the edit."""
         if self.reverted:
             return
+        if self.released:
+            raise MendError(
+                "this edit no longer keeps the weights from before it (released): revert it "
+                "through the EditSequence that made it"
+            )
         for name, original in self._originals.items():
             p = self._params[name]
             edited, p.weight.data = p.weight.data, original
@@ -116,18 +135,29 @@ class EditResult:
                 self._pool.give(name, edited)
         self.reverted = True
 
+    def release(self) -> None:
+        """Drop the weights from before this edit (one copy of every edited weight, unless a
+        later edit holds them): `revert()` is refused afterwards."""
+        self._originals = {}
+        self.released = True
+
     def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
         """Save the edited model (and tokenizer) as a Hugging Face folder, atomically."""
         if self.reverted:
             raise MendError("this edit was reverted; there is no edited model to save")
-        with atomic_folder(path) as tmp:
-            self.model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        save_model(path, self.model, tokenizer)
 
     def save_delta(self, path: str | Path) -> None:
         """Export only the weight change as safetensors (apply it with `apply_delta`)."""
         save_delta(path, self.model, self.deltas)
+
+
+def save_model(path: str | Path, model, tokenizer=None) -> None:
+    """Save the model as it is now (and its tokenizer) as a Hugging Face folder, atomically."""
+    with atomic_folder(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def save_delta(path: str | Path, model, deltas: dict[str, torch.Tensor]) -> None:
