@@ -17,22 +17,22 @@ from mend.result import EditResult
 
 
 def solved_keys(
-    keys: torch.Tensor, n: int, ridge: float, held: torch.Tensor | None = None
+    keys: torch.Tensor, n: int, ridge: float | torch.Tensor, held: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(K K^T + C + lambda I)^-1 k_t for every row of keys (T, in): the u'_t of an edit
     before each is scaled by its u~_t . k_t.
 
     Args:
         n: the number of edited tokens (rows of keys that are not empty slots).
-        ridge: lambda relative to the keys' mean squared norm.
+        ridge: lambda relative to the keys' mean squared norm; a tensor carries its gradient.
         held: C, (in, in) second moments of keys whose outputs should stay, or None.
     """
     gram = keys.T @ keys  # (in, in)
-    lam = ridge * float(gram.diagonal().sum()) / max(n, 1)
+    lam = ridge * (gram.diagonal().sum() / max(n, 1)).detach()
     if held is not None:
-        gram += held
-    gram.diagonal().add_(lam)
-    return torch.linalg.solve(gram, keys.T).T  # (T, in)
+        gram = gram + held
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + lam * eye, keys.T).T  # (T, in)
 
 
 class KeyMemory:

@@ -50,6 +50,11 @@ class EditorConfig:
     precondition: float | None = 0.1
     # rank of the edit component every edit shares (EditorNet.set_shared); 0: none set
     shared_rank: int = 0
+    # how an edit of several requests combines the editor's outputs: "sum" (MEND) or "ls"
+    # (one least-squares change over every edited token, mend.aggregate); what it was trained for
+    aggregate: str = "sum"
+    # the least-squares ridge, relative to the keys' mean squared norm (learned per matrix)
+    init_ridge: float = 1e-4
 
     def __post_init__(self):
         if self.rank < 1:
@@ -64,6 +69,10 @@ class EditorConfig:
             raise MendError(f"precondition must be a positive number, got {self.precondition}")
         if self.shared_rank < 0:
             raise MendError(f"shared_rank must be >= 0, got {self.shared_rank}")
+        if self.aggregate not in ("sum", "ls"):
+            raise MendError(f"aggregate must be 'sum' or 'ls', got {self.aggregate!r}")
+        if not (self.init_ridge > 0 and math.isfinite(self.init_ridge)):
+            raise MendError(f"init_ridge must be a positive number, got {self.init_ridge}")
         self.edit_modules = tuple(self.edit_modules)
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +148,10 @@ class Sampling:
             are "nearest" the record's (training.sampling).
         hard_locality_late: `hard_locality` from `schedule.late_fraction` on (needs
             `loss.locality_late`); None: `hard_locality` throughout.
+        edit_sizes: for an editor that aggregates by least squares (`editor.aggregate`
+            "ls"): each step is one edit of n requests, n drawn in turn from these sizes
+            (e.g. (1, 10, 100), so one editor serves single and mass edits);
+            edits_per_step, batch_size and batch_fraction do not apply then.
     """
 
     edits_per_step: int = 4
@@ -148,8 +161,12 @@ class Sampling:
     hard_locality: str = "relation"
     hard_locality_late: str | None = None
     nearest_k: int = 16
+    edit_sizes: tuple[int, ...] = (1, 10, 100)
 
     def __post_init__(self):
+        self.edit_sizes = tuple(int(n) for n in self.edit_sizes)
+        _check(len(self.edit_sizes) > 0 and min(self.edit_sizes) >= 1,
+               f"edit_sizes must be sizes >= 1, got {self.edit_sizes}")  # fmt: skip
         _check(self.edits_per_step >= 1, f"edits_per_step must be >= 1, got {self.edits_per_step}")
         _check(self.batch_size >= 1 and self.edits_per_step % self.batch_size == 0,
                f"batch_size must divide edits_per_step ({self.edits_per_step}), "
@@ -214,13 +231,17 @@ class Speed:
         row_cache_mb: memory for reusing the lower blocks' outputs per row (0: off).
         lower_precision: the no-grad pass below the edited blocks in "bf16", "fp32", or
             "auto": bf16 where the hardware has fast bf16 products (`bf16_is_fast`).
+        chunk_rows: a least-squares step runs its rows through the model this many at a
+            time, so its memory does not grow with the number of edits.
     """
 
     reference: bool = False
     row_cache_mb: int = 4096
     lower_precision: str = "auto"
+    chunk_rows: int = 256
 
     def __post_init__(self):
+        _check(self.chunk_rows >= 1, f"chunk_rows must be >= 1, got {self.chunk_rows}")
         _check(self.row_cache_mb >= 0, f"row_cache_mb must be >= 0, got {self.row_cache_mb}")
         _check(self.lower_precision in ("fp32", "bf16", "auto"),
                f"lower_precision must be fp32, bf16 or auto, got {self.lower_precision!r}")  # fmt: skip

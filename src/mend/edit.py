@@ -88,12 +88,14 @@ class MendEditor:
             taken (edits; training stays fp32): an edit's cost there is reading the editor's
             weights, and bf16 halves it (`EditorNet.forward`). None (default): where bf16 is
             fast (`bf16_is_fast`: bf16 GPUs, CPUs with bf16 units); False: fp32 throughout.
-        aggregate: how the requests of a batched edit combine. "sum" adds MEND's changes
+        aggregate: how the requests of a batched edit combine; None: as the editor was
+            trained (`EditorConfig.aggregate`). "sum" adds MEND's changes
             (the paper). "ls" reads each edited token's change as a value change at its own
             key, d = -alpha (u~ . k) delta~, and solves one ridge least-squares system per
             matrix so that every key gets its value and the requests do not act on each
             other's keys (MALMEN, Tan et al. 2024): W += D K^T (K K^T + lambda I)^-1.
-        ridge: lambda of that solve, relative to the mean squared norm of the keys.
+        ridge: lambda of that solve, relative to the mean squared norm of the keys; None:
+            the editor's own, per matrix (learned when it was trained for "ls").
         remember: with "ls", later edits keep the outputs at the keys of the earlier edits
             that are still applied (their key sum joins K K^T), so a sequence of batches
             does not undo itself.
@@ -114,8 +116,8 @@ class MendEditor:
         anchored: bool = True,
         shield: Shield | None = None,
         editor_bf16: bool | None = None,
-        aggregate: str = "sum",
-        ridge: float = 1e-4,
+        aggregate: str | None = None,
+        ridge: float | None = None,
         preserve: float = 0.0,
         text_moments: dict[str, torch.Tensor] | None = None,
         remember: bool = True,
@@ -126,11 +128,13 @@ class MendEditor:
         self.start = float(start)
         self.check_batches = check_batches
         self.anchored = anchored
+        aggregate = net.cfg.aggregate if aggregate is None else aggregate
         if aggregate not in ("sum", "ls"):
             raise MendError(f"aggregate must be 'sum' or 'ls', got {aggregate!r}")
-        if not ridge > 0:
+        if ridge is not None and not ridge > 0:
             raise MendError(f"ridge must be > 0, got {ridge}")
-        self.aggregate, self.ridge = aggregate, float(ridge)
+        self.aggregate = aggregate
+        self.ridge = None if ridge is None else float(ridge)
         if preserve < 0:
             raise MendError(f"preserve must be >= 0, got {preserve}")
         self.preserve, self.text_moments = float(preserve), text_moments
@@ -412,7 +416,8 @@ class MendEditor:
                 if self.preserve:
                     text = self.preserve * n * self.text_moments[name].to(keys)
                     held = text if held is None else held + text
-                solved = solved_keys(keys, n, self.ridge, held)
+                ridge = self.net.ridge(name) if self.ridge is None else self.ridge
+                solved = solved_keys(keys, n, ridge, held)
                 self._pending[name] = (keys, solved, mask.reshape(-1))
             keys, solved, _ = self._pending[name]
             coef = (u_t[0] * keys).sum(-1, keepdim=True)  # (T, 1) u~ . k, zero on empty slots

@@ -128,6 +128,8 @@ class EditorNet(nn.Module):
         )
         self.members = members
         self.log_alpha = nn.Parameter(torch.full((len(self.names),), math.log(cfg.init_alpha)))
+        if cfg.aggregate == "ls":
+            self.learn_ridge()
         if cfg.precondition is not None:
             for i, (d_in, _) in enumerate(self.shapes.values()):
                 self.register_buffer(f"precond_{i}", torch.eye(d_in))
@@ -139,6 +141,19 @@ class EditorNet(nn.Module):
 
     def alpha(self, name: str) -> torch.Tensor:
         return self.log_alpha[self.names.index(name)].exp()
+
+    def learn_ridge(self) -> None:
+        """Give every matrix a learned least-squares ridge (relative to its keys' mean squared
+        norm), starting at cfg.init_ridge; editors trained to sum their changes have none."""
+        if not hasattr(self, "log_ridge"):
+            full = torch.full((len(self.names),), math.log(self.cfg.init_ridge))
+            self.log_ridge = nn.Parameter(full.to(self.log_alpha.device))
+
+    def ridge(self, name: str) -> torch.Tensor:
+        """The least-squares ridge of matrix `name` (its learned one, or cfg.init_ridge)."""
+        if not hasattr(self, "log_ridge"):
+            return torch.tensor(self.cfg.init_ridge)
+        return self.log_ridge[self.names.index(name)].exp()
 
     def preconditioner(self, name: str) -> torch.Tensor | None:
         if self.cfg.precondition is None:

@@ -6,6 +6,7 @@ from which `resume=True` continues and reproduces the uninterrupted run's losses
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -33,6 +34,7 @@ from mend.grads import key_moments
 from mend.models.params import find_editable
 from mend.models.upper import RowCache, UpperStack, bf16_is_fast
 from mend.training.logs import LOG_FILE, JsonlLog
+from mend.training.mass import ls_step, validate_ls
 from mend.training.optim import WeightAverage, apply_update, make_optimizer
 from mend.training.prepare import key_batches, nearest_records, warm_rows
 from mend.training.sampling import build_rows, similar_index
@@ -82,10 +84,17 @@ def train(
     averaged = average.swapped if average is not None else nullcontext  # what validation sees
     val_data = val_data[: sched.val_edits]
     similar = _hard_inputs(editor, train_data, cfg, stack, progress)
+    least_squares = cfg.editor.aggregate == "ls"  # each step one edit of n requests
+    sizes = cfg.sampling.edit_sizes
+    if least_squares and max(sizes) > len(train_data):
+        raise MendError(f"fewer training edits ({len(train_data)}) than edit size {max(sizes)}")
     n_edits = min(cfg.sampling.edits_per_step, len(train_data))
     n_edits = n_edits // cfg.sampling.batch_size * cfg.sampling.batch_size
+    if least_squares:
+        n_edits = max(1, sum(sizes) // len(sizes))
     if not n_edits:
         raise MendError(f"fewer training edits ({len(train_data)}) than batch_size")
+    check = validate_ls if least_squares else validate
 
     def save(folder: Path, extra: dict | None = None) -> None:
         with averaged():
@@ -114,17 +123,23 @@ def train(
             group["lr"] = lr * lr_factor(step, cfg)
         rng = random.Random(cfg.seed * 1_000_003 + step)  # the data order depends on (seed, step)
         opt.zero_grad(set_to_none=True)
-        reqs = rng.sample(train_data, n_edits)
-        k, scfg = batch_size_at(step, cfg), step_config(step, cfg)
+        scfg = step_config(step, cfg)
         hard = similar[scfg.sampling.hard_locality]
-        rows = build_rows(reqs, train_data, scfg.sampling, rng, hard, k)
-        loss, stats = edit_step(editor, reqs, rows, scfg, stack, k)
-        loss.backward()
+        if least_squares:  # sizes in turn: one editor for single and mass edits
+            reqs = rng.sample(train_data, sizes[step % len(sizes)])
+            rows = build_rows(reqs, train_data, scfg.sampling, rng, hard, len(reqs))
+            stats = ls_step(editor, reqs, rows, scfg, stack)  # (backpropagates itself)
+        else:
+            reqs, k = rng.sample(train_data, n_edits), batch_size_at(step, cfg)
+            rows = build_rows(reqs, train_data, scfg.sampling, rng, hard, k)
+            loss, stats = edit_step(editor, reqs, rows, scfg, stack, k)
+            loss.backward()
         gnorm = apply_update(net, opt, average, sched.clip)
         state["skipped"] += math.isnan(gnorm)
         state["step"], state["elapsed"] = step + 1, time.perf_counter() - start
         log.write({"step": state["step"], **stats, "grad_norm": gnorm,
                    "lr": opt.param_groups[0]["lr"], "alpha_mean": net.log_alpha.exp().mean().item(),
+                   **({"ridge_mean": net.log_ridge.exp().mean().item()} if least_squares else {}),  # fmt: skip
                    "seconds": state["elapsed"]})  # fmt: skip
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", edit=f"{stats.get('rephrase_acc', 0):.2f}",
@@ -134,7 +149,7 @@ def train(
         out_of_time = sched.minutes is not None and state["elapsed"] >= sched.minutes * 60
         if state["step"] % sched.val_every == 0 or state["step"] >= sched.max_steps or out_of_time:
             with averaged():
-                val = validate(editor, val_data, cfg, stack)
+                val = check(editor, val_data, cfg, stack)
             # A late locality weight trades validation accuracy for locality on purpose: the
             # checkpoints before it do not compete with the ones it shapes.
             late = is_late(state["step"] - 1, cfg) and not is_late(
@@ -195,6 +210,9 @@ def _start(model, names, identity, cfg: TrainConfig, out: Path, resume: bool, lo
         net = load_editor(cfg.init_editor, model)
         if net.names != names:
             raise MendError(f"--init editor edits {net.names}, this run {names}")
+        net.cfg = dataclasses.replace(net.cfg, aggregate=cfg.editor.aggregate)
+        if net.cfg.aggregate == "ls":
+            net.learn_ridge()
     else:
         net = EditorNet(identity["params"], cfg.editor)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +247,7 @@ def _hard_inputs(editor: MendEditor, data, cfg: TrainConfig, stack, progress: bo
 
 def _finish(model, tokenizer, train_data, cfg: TrainConfig, out: Path, progress: bool) -> None:
     """The best checkpoint learns the part of its change every edit shares; curves plotted."""
-    if cfg.shared_rank and (out / CONFIG_FILE).exists():
+    if cfg.shared_rank and cfg.editor.aggregate == "sum" and (out / CONFIG_FILE).exists():
         best = load_editor(out, model).to(next(model.parameters()).device)
         editor = MendEditor(model, tokenizer, best)
         fit_shared(editor, train_data[:64], cfg.shared_rank, progress)

@@ -44,15 +44,18 @@ class WeightAverage:
 
 
 def make_optimizer(net: torch.nn.Module, schedule: Schedule) -> torch.optim.Adam:
-    """Adam over the editor networks at `lr`, their per-matrix log step sizes at `alpha_lr`.
+    """Adam over the editor networks at `lr`, their per-matrix log step sizes (and ridges)
+    at `alpha_lr`.
 
     PyTorch's fused kernel (one pass over all parameters) on CPU and CUDA: the same update to
     float rounding, and faster where one editor network per matrix makes many parameters.
     """
-    nets = [p for n, p in net.named_parameters() if n != "log_alpha"]
+    step_names = ("log_alpha", "log_ridge")  # (a ridge only where edits are solved)
+    nets = [p for n, p in net.named_parameters() if n not in step_names]
+    steps = [p for n, p in net.named_parameters() if n in step_names]
     fused = net.log_alpha.device.type in ("cpu", "cuda")
     groups = [{"params": nets, "lr": schedule.lr},
-              {"params": [net.log_alpha], "lr": schedule.alpha_lr}]  # fmt: skip
+              {"params": steps, "lr": schedule.alpha_lr}]  # fmt: skip
     return torch.optim.Adam(groups, fused=fused)
 
 
