@@ -126,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     e.add_argument("--every", type=int, metavar="M",
                    help="with --sequential: also re-score all edits so far every M edits")  # fmt: skip
+    e.add_argument(
+        "--ppl-windows", type=int, default=4, metavar="N",
+        help="WikiText perplexity before and after editing (the first batch applied; with "
+        "--sequential, all of them) on N windows of 512 tokens (default 4; 0: off)",
+    )  # fmt: skip
     e.add_argument("--out", required=True, help="report JSON path")
 
     d = sub.add_parser("edit", help="edit facts and show the answers before and after")
@@ -327,7 +332,7 @@ def _method(args, model, tok):
 
 
 def cmd_eval(args) -> int:
-    from mend.evaluate import evaluate, format_report
+    from mend.evaluate import evaluate, format_report, ppl_text
     from mend.files import write_json
 
     if args.limit is not None and args.limit < 1:
@@ -336,6 +341,8 @@ def cmd_eval(args) -> int:
         raise MendError("--batch-size must be >= 1")
     if args.skip < 0:
         raise MendError("--skip must be >= 0")
+    if args.ppl_windows < 0:
+        raise MendError("--ppl-windows must be >= 0")
     if args.method == "mend" and not args.editor:
         raise MendError("--method mend needs --editor")
     if args.every is not None and not args.sequential:
@@ -349,13 +356,15 @@ def cmd_eval(args) -> int:
     data = _load_data(args.data, tok, model, end)[args.skip :]
     if not data:
         raise MendError(f"no records left after --skip {args.skip}")
+    ppl = {"ppl_text": ppl_text() if args.ppl_windows else None, "ppl_windows": args.ppl_windows}
     if args.sequential:
         from mend.evaluate import evaluate_sequential
 
-        report = evaluate_sequential(model, tok, method, data, args.batch_size, args.every)
+        report = evaluate_sequential(model, tok, method, data, args.batch_size, args.every, **ppl)
         last = "curve"
     else:
-        report = evaluate(model, tok, method, data, batch_size=args.batch_size, per_edit=True)
+        report = evaluate(model, tok, method, data, batch_size=args.batch_size, per_edit=True,
+                          **ppl)  # fmt: skip
         last = "edits"
     listed = report.pop(last)  # (listed last in the file)
     report |= {"method": args.method, "model": args.model, "editor": args.editor, "data": args.data}

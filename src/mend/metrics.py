@@ -1,7 +1,8 @@
 """Edit metrics: pure functions of logits at scored positions.
 
 A row counts as correct when every scored token is the argmax (edit and paraphrase accuracy),
-and as kept when the argmax is unchanged by the edit (locality).
+and as kept when the argmax is unchanged by the edit (locality). `starts_with_word` is the
+generated-answer counterpart: a pure function of the decoded greedy continuation.
 """
 
 from __future__ import annotations
@@ -34,3 +35,13 @@ def mean_logprob(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
     """(n_rows,) mean log-probability of each row's target tokens (ROME's comparison unit)."""
     means, _ = row_mean(-token_nll(logits, labels), rows, labels != IGNORE, n_rows)
     return means
+
+
+def starts_with_word(text: str, target: str) -> bool:
+    """`text` begins with `target` and does not run on into a longer word: the character after
+    it, if any, is not a letter or digit (" Paris." and " Paris is" count for " Paris",
+    " Parisian" does not). The generated-answer test of edit success."""
+    if not target or not text.startswith(target):
+        return False
+    rest = text[len(target) :]
+    return not rest or not rest[0].isalnum()
