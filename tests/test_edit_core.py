@@ -768,3 +768,20 @@ def test_least_squares_edits_in_sequence_keep_the_earlier_keys(tokenizer):
     kept, moved = drift(True), drift(False)
     assert kept < 0.1 * moved, (kept, moved)
     assert drift(True, revert_first=True) > 0.5 * moved  # nothing left to keep
+
+
+def test_key_memory_keeps_a_dropped_edit_keys_but_not_its_weights(tokenizer):
+    """The memory holds results weakly: an edit whose result nobody keeps stays applied (its
+    keys are held) and the weights it replaced are freed; a reverted one is forgotten."""
+    import gc
+    import weakref
+
+    from conftest import tiny_mend
+
+    editor = tiny_mend(tokenizer, aggregate="ls", boost=())
+    first, second = fact_requests(2)
+    ref = weakref.ref(editor.edit([first]))
+    gc.collect()
+    assert ref() is None and len(editor.memory) == 1
+    editor.edit([second]).revert()
+    assert len(editor.memory) == 1

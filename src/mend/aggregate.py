@@ -11,6 +11,8 @@ still -alpha sum_t d~_t u'_t^T and applies, reverts and saves like any other.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from mend.result import EditResult
@@ -41,12 +43,15 @@ class KeyMemory:
     `add` records an edit's keys with its EditResult. Once an edit is reverted its keys leave
     before the next `held`: the sums are rebuilt from the edits still applied, in the order
     they were added, so they are bit for bit what adding only those edits gives, and what
-    `replace` rebuilds from saved keys (`EditSequence.load`).
+    `replace` rebuilds from saved keys (`EditSequence.load`). Results are held by weak
+    reference (a revert tells the memory), so the weights an edit replaced are not kept alive
+    here once nobody else keeps its result.
     """
 
     def __init__(self):
         self._sum: dict[str, torch.Tensor] = {}
-        self._entries: list[tuple[EditResult, dict[str, torch.Tensor]]] = []
+        # (the edit's result, whether it was reverted, its keys)
+        self._entries: list[tuple[weakref.ref, list[bool], dict[str, torch.Tensor]]] = []
 
     def held(self, name: str) -> torch.Tensor | None:
         self._forget_reverted()
@@ -54,16 +59,22 @@ class KeyMemory:
 
     def add(self, result: EditResult, keys: dict[str, torch.Tensor]) -> None:
         """Hold the keys {weight name: (n, in)} of the edit `result` applied."""
-        self._entries.append((result, keys))
+        self._entries.append(self._entry(result, keys))
         self._add_to_sum(keys)
+
+    @staticmethod
+    def _entry(result: EditResult, keys: dict[str, torch.Tensor]):
+        flag = [result.reverted]
+        result.on_revert.append(lambda: flag.__setitem__(0, True))
+        return weakref.ref(result), flag, keys
 
     def keys_of(self, result: EditResult) -> dict[str, torch.Tensor] | None:
         """The keys held for `result` (None if it added none or they were forgotten)."""
-        return next((keys for r, keys in self._entries if r is result), None)
+        return next((keys for r, _, keys in self._entries if r() is result), None)
 
     def replace(self, entries: list[tuple[EditResult, dict[str, torch.Tensor]]]) -> None:
         """Hold exactly these (result, keys), in order, and nothing else."""
-        self._entries = list(entries)
+        self._entries = [self._entry(result, keys) for result, keys in entries]
         self._rebuild()
 
     def __contains__(self, name: str) -> bool:
@@ -81,10 +92,10 @@ class KeyMemory:
 
     def _rebuild(self) -> None:
         self._sum = {}
-        for _, keys in self._entries:
+        for _, _, keys in self._entries:
             self._add_to_sum(keys)
 
     def _forget_reverted(self) -> None:
-        if any(result.reverted for result, _ in self._entries):
-            self._entries = [entry for entry in self._entries if not entry[0].reverted]
+        if any(flag[0] for _, flag, _ in self._entries):
+            self._entries = [entry for entry in self._entries if not entry[1][0]]
             self._rebuild()

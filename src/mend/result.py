@@ -103,6 +103,7 @@ class EditResult:
                 p.weight.data = new
         self.reverted = False
         self.released = False
+        self.on_revert: list = []  # called after a revert (e.g. by a KeyMemory holding its keys)
 
     @property
     def updates(self) -> dict[str, Update]:
@@ -134,6 +135,8 @@ class EditResult:
             if self._pool is not None:
                 self._pool.give(name, edited)
         self.reverted = True
+        for call in self.on_revert:
+            call()
 
     def release(self) -> None:
         """Drop the weights from before this edit (one copy of every edited weight, unless a
