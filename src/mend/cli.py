@@ -48,11 +48,14 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--shield-facts", type=int, default=16, help="nearest facts to shield")
     p.add_argument(
-        "--aggregate", choices=("sum", "ls"), default="sum",
+        "--aggregate", choices=("sum", "ls"), default=None,
         help="how the requests of a batched edit combine: MEND's changes summed, or one "
-        "least-squares change giving every edited token's key its value (see MendEditor)",
+        "least-squares change giving every edited token's key its value (see MendEditor); "
+        "default: what the editor was trained for",
     )  # fmt: skip
-    p.add_argument("--ridge", type=float, default=1e-4, help="--aggregate ls: relative ridge")
+    p.add_argument("--ridge", type=float, default=None,
+                   help="--aggregate ls: relative ridge (default: the editor's own, 1e-4 "
+                   "unless learned)")  # fmt: skip
     p.add_argument(
         "--preserve", type=float, default=0.0, metavar="MU",
         help="--aggregate ls (and --method ls): hold the outputs of ordinary text's keys "

@@ -332,8 +332,9 @@ def evaluate_sequential(
     """Apply the requests `batch_size` at a time, one batch after another, keeping each.
 
     Every edit made so far is re-scored after every `every` edits (a curve) and at the end;
-    locality compares with the unedited model. Afterwards every batch is reverted, last
-    first, which restores the weights exactly. Perplexity on `ppl_text` (as in `evaluate`) is
+    locality compares with the unedited model. Afterwards the first batch is reverted, which
+    restores the weights exactly and undoes the later ones (only it keeps the weights from
+    before it, so a long sequence holds one copy of them). Perplexity on `ppl_text` (as in `evaluate`) is
     measured before any edit, with all batches applied, and at each point of the curve (a few
     windows cost less than re-scoring every edit so far).
 
@@ -359,6 +360,8 @@ def evaluate_sequential(
         for n, batch in enumerate(tqdm(batches, desc="sequential edits", disable=not progress,
                                        leave=False), start=1):  # fmt: skip
             results.append(method.edit(batch))
+            if n > 1:  # the first edit's revert restores the weights: drop the later copies
+                results[-1].release()
             done = min(n * batch_size, len(requests))
             if every is not None and (done % every < len(batch) or done == len(requests)):
                 ppl = _ppl(model, tokenizer, ppl_text, ppl_windows)
@@ -367,8 +370,10 @@ def evaluate_sequential(
         # the curve's last point has every edit applied
         ppl_after = curve[-1]["ppl"] if curve else _ppl(model, tokenizer, ppl_text, ppl_windows)
     finally:
-        for result in reversed(results):
-            result.revert()
+        if results:
+            results[0].revert()
+            for result in results[1:]:
+                result.undone_with(results[0])
     seconds = [r.seconds for r in results]
     ppl = (ppl_before, ppl_after)
     report = _report(len(requests), batch_size, _merged(final), _merged(bases), seconds, ppl)

@@ -138,6 +138,16 @@ class EditResult:
         for call in self.on_revert:
             call()
 
+    def undone_with(self, earlier: EditResult) -> None:
+        """Mark this edit reverted because `earlier`, an edit of the same or more weights
+        made before it, was reverted (which brought back the weights from before both)."""
+        if not earlier.reverted or not set(self.updates) <= set(earlier.updates):
+            raise MendError("only an earlier reverted edit of the same weights undoes this one")
+        self._originals = {}
+        self.reverted = True
+        for call in self.on_revert:
+            call()
+
     def release(self) -> None:
         """Drop the weights from before this edit (one copy of every edited weight, unless a
         later edit holds them): `revert()` is refused afterwards."""
