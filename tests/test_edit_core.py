@@ -785,3 +785,22 @@ def test_key_memory_keeps_a_dropped_edit_keys_but_not_its_weights(tokenizer):
     assert ref() is None and len(editor.memory) == 1
     editor.edit([second]).revert()
     assert len(editor.memory) == 1
+
+
+def test_adapted_statistics_take_in_each_edit_tokens_and_only_then(tokenizer):
+    from conftest import tiny_mend
+
+    counts = {}
+    for adapt in (False, True):
+        editor = tiny_mend(tokenizer, boost=(), adapt_stats=adapt)
+        norms = [m.norm_u for m in editor.net.nets.values()]
+        before = [n.count.clone() for n in norms]
+        batch = editor.batch([(r.prompt, r.target) for r in fact_requests(3)])
+        with torch.no_grad():
+            captured, _ = editor._capture(batch)
+        tokens = {name: int(((d != 0).any(-1) & batch.attention_mask.bool()).sum())
+                  for name, (_, d) in captured.items()}  # fmt: skip
+        editor.edit(fact_requests(3))
+        counts[adapt] = [int((n.count - b).sum()) for n, b in zip(norms, before, strict=True)]
+    assert counts[False] == [0] * len(counts[False])
+    assert sum(counts[True]) == sum(tokens.values())  # every edited token of every matrix

@@ -103,6 +103,9 @@ class MendEditor:
             mu n C0 joins K K^T in the solve, n the number of edited tokens and C0 =
             E[k k^T] over running text (`text_moments`; by default WikiText's, computed once
             per model by `key_stats.text_key_moments` and cached).
+        adapt_stats: every edit also updates the editor's running mean and std of its inputs
+            (u, delta) with its own tokens before transforming them, as training does
+            (UltraEdit's lifelong normalisation). The statistics are not reverted with an edit.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class MendEditor:
         preserve: float = 0.0,
         text_moments: dict[str, torch.Tensor] | None = None,
         remember: bool = True,
+        adapt_stats: bool = False,
     ):
         self.model, self.tokenizer, self.net = model, tokenizer, net
         self.shield = shield
@@ -141,6 +145,7 @@ class MendEditor:
         # Keys of the least-squares edits still applied: a later solve keeps their outputs
         # (the running key sum of sequential editing).
         self.remember = remember
+        self.adapt_stats = adapt_stats
         self.memory = KeyMemory()
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if any(not s > 0 for s in self.boost):
@@ -214,6 +219,8 @@ class MendEditor:
             flat[name] = (u[mask], delta[mask])
             masks[name] = mask
         low = torch.bfloat16 if self.editor_bf16 and not torch.is_grad_enabled() else None
+        if self.adapt_stats and not self.net.training:  # (training updates them itself)
+            self.net.observe(flat)
         out = {}
         for name, (u_t, d_t) in self.net(flat, low).items():
             idx = masks[name].nonzero(as_tuple=True)

@@ -196,6 +196,27 @@ class EditorNet(nn.Module):
             p = torch.linalg.inv(c + lam * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
             self.preconditioner(name).copy_((p + p.T) / 2)
 
+    def _grouped(self, captured: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """Per network: (its key, the matrices of captured it serves, their u and delta
+        stacked, each token's matrix index among that network's matrices)."""
+        for key, names in self.members.items():
+            present = [n for n in names if n in captured]
+            if not present:
+                continue
+            us = torch.cat([captured[n][0] for n in present])
+            ds = torch.cat([captured[n][1] for n in present])
+            ids = torch.cat([torch.full((len(captured[n][0]),), self.layer_index[n], dtype=torch.long)
+                             for n in present]).to(us.device)  # fmt: skip
+            yield key, present, us, ds, ids
+
+    @torch.no_grad()
+    def observe(self, captured: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Merge tokens {name: (u (N, in), delta (N, out))} into the running statistics that
+        normalise the networks' inputs (what a forward pass in training mode does first)."""
+        for key, _, us, ds, ids in self._grouped(captured):
+            self.nets[key].norm_u.update(us, ids)
+            self.nets[key].norm_d.update(ds, ids)
+
     def forward(
         self,
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -216,18 +237,7 @@ class EditorNet(nn.Module):
             {name: (u~ (N_name, in), delta~ (N_name, out))}.
         """
         out = {}
-        for key, names in self.members.items():
-            present = [n for n in names if n in captured]
-            if not present:
-                continue
-            us = torch.cat([captured[n][0] for n in present])
-            ds = torch.cat([captured[n][1] for n in present])
-            ids = torch.cat(
-                [
-                    torch.full((captured[n][0].shape[0],), self.layer_index[n], dtype=torch.long)
-                    for n in present
-                ]
-            ).to(us.device)
+        for key, present, us, ds, ids in self._grouped(captured):
             u_t, d_t = self.nets[key](us, ds, ids, low)
             sizes = [captured[n][0].shape[0] for n in present]
             for n, u_n, d_n in zip(present, u_t.split(sizes), d_t.split(sizes), strict=True):
