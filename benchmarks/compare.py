@@ -1,13 +1,37 @@
-"""Side-by-side comparison of editing methods on one model: single, simultaneous, sequential edits.
+"""Side-by-side comparison of editing methods on one model.
+
+Single, simultaneous and sequential edits, written to docs/results/<name>.json, .md and PNG plots:
 
     python benchmarks/compare.py --editor runs/bench --name smollm2-135m [--quick]
 
-Writes docs/results/<name>.json, docs/results/<name>.md and PNG plots next to them.
+Mass editing (`--setting mass`): for each method and size k, k edits made as one change, scored
+and reverted (`evaluate` with batch_size=k):
+
+    python benchmarks/compare.py --setting mass --sizes 1 10 100 1000 --methods mend ls ft \
+        --editor DIR --data counterfact-val --limit 1000 --out FOLDER
+
+Size k edits the first n(k) of the --limit requests: all of them for sizes from --limit-small M
+(default 100) up, at most the first M for smaller sizes (a thousand single edits of ft cost far
+more than ten changes of 100); `--limit-per-size 1=1000,10=500` sets n(k) itself. n(k) is
+rounded down to whole changes of k.
+
+Lifelong editing (`--setting lifelong`): batches of b edits kept applied one after another, all
+edits so far re-scored every --every edits and at the end (`evaluate_sequential`):
+
+    python benchmarks/compare.py --setting lifelong --batch-sizes 100 1 --methods mend ls ft \
+        --editor DIR --data counterfact-val --limit 1000 --every 100 --out FOLDER
+
+Each (setting, method, size) writes FOLDER/<setting>-<method>-<size>.json; a rerun keeps the
+reports already there (--force redoes them), so a long comparison resumes. Then FOLDER/summary.md
+and mass.png / lifelong.png are rebuilt from every report in FOLDER (`--replot FOLDER`: only that).
+Methods: `mend` (the editor at --editor, as it was trained), `mend-sum` (--sum-editor, default
+--editor, its edits' changes summed) and the baselines (ft, ft-kl, grad, ls, none) with their flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -19,25 +43,50 @@ from mend.checkpoint import load_editor
 from mend.data import load_checked, resolve_data
 from mend.data.text import read_text
 from mend.edit import MendEditor
-from mend.evaluate import METRICS, evaluate, perplexity, score, summarize
-from mend.files import write_json
+from mend.errors import MendError
+from mend.evaluate import (
+    GEN_METRICS,
+    METRICS,
+    evaluate,
+    evaluate_sequential,
+    perplexity,
+    ppl_text,
+    score,
+    summarize,
+)
+from mend.files import atomic_write, write_json
 from mend.models import context_length, load_model
+from mend.plots import plot_edit_sizes, plot_lifelong
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 SHORT = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "locality",
-         "efficacy_score": "ES", "paraphrase_score": "PS", "neighborhood_score": "NS"}  # fmt: skip
+         "efficacy_score": "ES", "paraphrase_score": "PS", "neighborhood_score": "NS",
+         "rewrite_gen": "rewrite gen", "rephrase_gen": "rephrase gen",
+         "locality_gen": "locality gen"}  # fmt: skip
 
 
 METHODS = ("mend", *BASELINES)
+SPECS = ("mend", "mend-sum", *BASELINES)  # what --methods takes
+OPTIONS = ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "preserve", "loc_data")  # the baselines' flags
+SETTINGS = {"mass": "Mass editing: k edits made as one change, scored, reverted",
+            "lifelong": "Lifelong editing: batches of k edits kept applied one after another; "
+            "every edit scored at the end"}  # fmt: skip
 
 
-def make_methods(model, tok, editor_dir, grad_lr, ft_steps, names=METHODS):
-    options = {"grad_lr": grad_lr, "ft_steps": ft_steps}
-    return {
-        name: MendEditor.from_pretrained(editor_dir, model, tok) if name == "mend"
-        else make_baseline(name, model, tok, **options)
-        for name in names
-    }  # fmt: skip
+def make_methods(model, tok, editor_dir, names=METHODS, sum_editor=None, **options):
+    """{name: method}: `mend` binds the editor in editor_dir with MendEditor's defaults (the
+    aggregation it was trained for), `mend-sum` the one in sum_editor (default editor_dir) with
+    its edits' changes summed; a baseline gets `options` (None: the baseline's own default)."""
+    options = {k: v for k, v in options.items() if v is not None}
+
+    def build(name):
+        if name == "mend":
+            return MendEditor.from_pretrained(editor_dir, model, tok)
+        if name == "mend-sum":
+            return MendEditor.from_pretrained(sum_editor or editor_dir, model, tok, aggregate="sum")
+        return make_baseline(name, model, tok, **options)
+
+    return {name: build(name) for name in names}
 
 
 def tune_grad_lr(model, tok, edits) -> float:
@@ -49,6 +98,16 @@ def tune_grad_lr(model, tok, edits) -> float:
         if total > best:
             best, best_lr = total, lr
     return best_lr
+
+
+def grad_step(args, model, tok, names) -> float | None:
+    """--grad-lr, or the step size tuned on held-out edits when `grad` is among names."""
+    if args.grad_lr is not None or "grad" not in names:
+        return args.grad_lr
+    tune = load_checked("counterfact-train", tok, context_length(model))[-20:]
+    lr = tune_grad_lr(model, tok, tune[:10] if args.quick else tune)
+    print(f"grad baseline step size: {lr:g}")
+    return lr
 
 
 def run_single(model, tok, methods, datasets, ppl_text, n_ppl_edits, editor_for=None, out=None,
@@ -125,6 +184,101 @@ def run_sequential(model, tok, methods, edits, every):
                 r.revert()
         out[name] = curve
     return out
+
+
+def edits_per_size(sizes, limit: int, small: int = 100, explicit=None) -> dict[int, int]:
+    """Mass editing: size k -> how many of the first `limit` requests it edits (the rule of the
+    module docstring: `explicit` if it names k, else all from size `small` up, at most `small`
+    below it), rounded down to whole changes of k."""
+    out = {}
+    for k in sizes:
+        n = (explicit or {}).get(k, limit if k >= small else min(limit, small))
+        if not 1 <= k <= n <= limit:
+            raise MendError(f"size {k} needs between {k} and --limit {limit} edits, got {n}")
+        out[k] = n // k * k
+    return out
+
+
+def report_path(folder: Path, setting: str, method: str, size: int) -> Path:
+    return Path(folder) / f"{setting}-{method}-{size}.json"
+
+
+def run_setting(model, tok, methods, edits, setting, sizes, folder, counts=None, every=None,
+                ppl=None, force=False, meta=None) -> None:  # fmt: skip
+    """Each method at each size of a setting, one report each in `folder` (kept if there).
+
+    Args:
+        setting: "mass" (`evaluate` of the first counts[k] edits, k at a time) or "lifelong"
+            (`evaluate_sequential` of all edits in batches of k, re-scored every `every`).
+        ppl: `evaluate`'s perplexity arguments (ppl_text, ppl_windows).
+        force: redo the runs whose report is already there; meta: added to every report.
+    """
+    for k in sizes:
+        unedited: dict = {}  # the unedited model's scores of size k's changes, shared by methods
+        for name, method in methods.items():
+            path = report_path(folder, setting, name, k)
+            if path.exists() and not force:
+                print(f"[{setting} k={k}] {name:<8} kept {path}")
+                continue
+            if setting == "mass":
+                rep = evaluate(model, tok, method, edits[: counts[k]], batch_size=k,
+                               desc=f"mass k={k} {name}", unedited=unedited, **(ppl or {}))  # fmt: skip
+            else:
+                rep = evaluate_sequential(model, tok, method, edits, k, every, **(ppl or {}))
+            for point in rep.get("curve", [])[:-1]:  # (the last has every edit: the end's)
+                print(f"[{setting} k={k}] {name:<8} n={point['n_edits']:<5} " + fmt_row(point))
+            write_json(path, {"setting": setting, "method": name, "size": k} | (meta or {}) | rep)
+            print(f"[{setting} k={k}] {name:<8} n={rep['n_edits']:<5} " + fmt_row(rep)
+                  + f" ppl_change={_cell(rep['ppl_change'], '+.2%')}"
+                  + f" s/batch={rep['seconds_per_batch_median']:.4f}")  # fmt: skip
+
+
+def load_reports(folder: Path) -> dict:
+    """{setting: {method: {size: report}}} from the reports in folder, methods in SPECS order."""
+    found: dict = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        rep = json.loads(path.read_text())
+        if isinstance(rep, dict) and rep.get("setting") in SETTINGS:
+            found.setdefault(rep["setting"], {}).setdefault(rep["method"], {})[rep["size"]] = rep
+    order = {m: i for i, m in enumerate(SPECS)}
+    ranked = {s: sorted(by, key=lambda m: (order.get(m, len(SPECS)), m)) for s, by in found.items()}
+    return {s: {m: dict(sorted(found[s][m].items())) for m in ms} for s, ms in ranked.items()}
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_summary(folder: Path) -> None:
+    """folder/summary.md (one table per setting) and mass.png / lifelong.png from its reports."""
+    folder = Path(folder)
+    reports = load_reports(folder)
+    if not reports:
+        raise MendError(f"no mass or lifelong reports in {folder}")
+    runs = [r for by in reports.values() for sizes in by.values() for r in sizes.values()]
+    commands = dict.fromkeys(r["command"] for r in runs if r.get("command"))
+    lines = ["# Editing methods compared", "", "Commands:", "", *(f"- `{c}`" for c in commands)]
+    metrics = (*METRICS[:3], *GEN_METRICS, *METRICS[3:])
+    head = ["method", "k", "edits", *(SHORT[m] for m in metrics), "ppl change", "s/batch (median)"]
+    for setting, by_method in reports.items():
+        lines += ["", f"## {SETTINGS[setting]}", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]  # fmt: skip
+        for name, by_size in by_method.items():
+            for k, r in by_size.items():
+                cells = [_cell(r.get(m), ".3f") for m in metrics]
+                cells += [_cell(r.get("ppl_change"), "+.2%"),
+                          _cell(r.get("seconds_per_batch_median"), ".4f")]  # fmt: skip
+                lines.append(f"| {name} | {k} | {r['n_edits']} | " + " | ".join(cells) + " |")
+    atomic_write(folder / "summary.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    if "mass" in reports:
+        plot_edit_sizes(reports["mass"], folder / "mass.png")
+    if "lifelong" in reports:
+        by_size: dict = {}
+        for name, sizes in reports["lifelong"].items():
+            for k, r in sizes.items():
+                by_size.setdefault(k, {})[name] = r
+        plot_lifelong(by_size, folder / "lifelong.png")
+    print(f"wrote {folder / 'summary.md'} and plots")
 
 
 def fmt_row(rep) -> str:
@@ -236,6 +390,42 @@ def merge(paths: list[str], name: str) -> None:
     write_report(report, name, plots=True)
 
 
+def compare_setting(args) -> None:
+    """--setting mass or lifelong: the runs whose report is missing (all with --force), then
+    summary.md and the plots."""
+    import sys
+
+    out, mass = Path(args.out), args.setting == "mass"
+    sizes = args.sizes if mass else args.batch_sizes
+    if mass:
+        explicit = dict(map(int, kn.split("=")) for kn in args.limit_per_size.split(",") if kn)
+        counts = edits_per_size(sizes, args.limit, args.limit_small, explicit)
+        print(f"mass: size k edits the first n of {args.limit} requests, k at a time (sizes below "
+              f"--limit-small {args.limit_small} at most {args.limit_small}; --limit-per-size "
+              "sets n): " + ", ".join(f"k={k} n={n}" for k, n in counts.items()))  # fmt: skip
+    every = args.every or max(1, args.limit // 10)
+    todo = [m for m in args.methods
+            if any(args.force or not report_path(out, args.setting, m, k).exists() for k in sizes)]  # fmt: skip
+    if todo:
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+        edits = load_checked(args.data, tok, context_length(model), limit=args.limit)
+        if len(edits) < args.limit:
+            raise MendError(f"{args.data} has only {len(edits)} edits (--limit {args.limit})")
+        grad_lr = grad_step(args, model, tok, todo)
+        options = {k: getattr(args, k) for k in OPTIONS} | {"grad_lr": grad_lr}
+        methods = make_methods(model, tok, args.editor, todo, args.sum_editor, **options)
+        text = ppl_text() if args.ppl_windows else None
+        ppl = {"ppl_text": text, "ppl_windows": args.ppl_windows}
+        meta = {"model": args.model, "editor": args.editor, "sum_editor": args.sum_editor,
+                "data": args.data, "limit": args.limit, "options": options,
+                "command": "python " + " ".join(sys.argv)}  # fmt: skip
+        run_setting(model, tok, methods, edits, args.setting, sizes, out,
+                    counts if mass else None, every, ppl, args.force, meta)  # fmt: skip
+    else:
+        print(f"every report is already in {out} (--force runs them again)")
+    write_summary(out)
+
+
 def main(argv=None) -> None:
     import sys
 
@@ -245,7 +435,14 @@ def main(argv=None) -> None:
     ap.add_argument("--name", default="compare-smollm2-135m/smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="a small version for smoke tests")
     ap.add_argument("--limit", type=int, default=500)
-    ap.add_argument("--ft-steps", type=int, default=40)
+    ap.add_argument("--ft-steps", type=int, help="ft / ft-kl step limit per edit (default 40)")
+    ap.add_argument("--ft-lr", type=float, help="ft / ft-kl learning rate (default 5e-4)")
+    ap.add_argument("--ls-lr", type=float, help="ls: step of the identity editor (default 100)")
+    ap.add_argument("--preserve", type=float, help="ls: weight holding ordinary text's keys")
+    ap.add_argument("--loc-data", help="ft-kl: text for locality inputs (default wikitext-valid)")
+    ap.add_argument("--sum-editor", help="mend-sum: the editor (default: --editor)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--merge", nargs="+", metavar="REPORT",
                     help="combine the JSON reports of runs made in parts (e.g. in parallel "
@@ -256,37 +453,59 @@ def main(argv=None) -> None:
                     default=["single", "batched", "sequential"])  # fmt: skip
     ap.add_argument("--datasets", nargs="+", choices=("counterfact", "zsre"),
                     default=["counterfact", "zsre"], help="data sets of the single-edit run")  # fmt: skip
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                    help="methods of the single-edit run; batched and sequential runs take mend "
-                    "and ft from them")  # fmt: skip
+    ap.add_argument("--methods", nargs="+", choices=SPECS, default=list(METHODS),
+                    help="methods of the single-edit run or of --setting; batched and sequential "
+                    "runs take mend and ft from them")  # fmt: skip
+    ap.add_argument("--setting", choices=SETTINGS, help="mass or lifelong editing, into --out")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100],
+                    help="mass: edits in one change")  # fmt: skip
+    ap.add_argument("--limit-small", type=int, default=100, metavar="M",
+                    help="mass: sizes below M edit at most the first M requests (0: all)")  # fmt: skip
+    ap.add_argument("--limit-per-size", metavar="K=N,...", default="",
+                    help="mass: size K edits the first N requests")  # fmt: skip
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 1],
+                    help="lifelong: edits per batch")  # fmt: skip
+    ap.add_argument("--every", type=int, help="lifelong: re-score every M edits (--limit / 10)")
+    ap.add_argument("--data", default="counterfact-val", help="--setting: the edits")
+    ap.add_argument("--ppl-windows", type=int, default=4, help="--setting: perplexity windows")
+    ap.add_argument("--out", help="--setting: folder of the reports, summary.md and plots")
+    ap.add_argument("--force", action="store_true", help="--setting: redo existing reports")
+    ap.add_argument("--replot", metavar="FOLDER",
+                    help="rebuild FOLDER's summary.md and plots from its reports, and exit")  # fmt: skip
     args = ap.parse_args(argv)
     if args.merge:
         merge(args.merge, args.name)
         return
-    needs_editor = "mend" in args.methods
-    if needs_editor and not args.editor:
+    if args.replot:
+        write_summary(Path(args.replot))
+        return
+    if "mend" in args.methods and not args.editor:
         ap.error("--editor is required when mend runs (leave it out of --methods otherwise)")
+    if "mend-sum" in args.methods and not (args.sum_editor or args.editor):
+        ap.error("mend-sum needs --sum-editor or --editor")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.setting:
+        if not args.out:
+            ap.error("--setting needs --out")
+        compare_setting(args)
+        return
     n = 10 if args.quick else args.limit
     ks = [1, 5, 10] if args.quick else [1, 5, 25, 100]
     n_batch = 10 if args.quick else 100
     n_seq, every = (10, 5) if args.quick else (100, 10)
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     max_len = context_length(model)
     cf = load_checked("counterfact-val", tok, max_len, limit=max(n, n_batch, n_seq))
     zsre = load_checked("zsre-eval", tok, max_len, limit=n)
-    grad_lr = args.grad_lr
-    if grad_lr is None and "grad" in args.methods and "single" in args.runs:
-        tune = load_checked("counterfact-train", tok, max_len)[-20:]
-        grad_lr = tune_grad_lr(model, tok, tune[:10] if args.quick else tune)
-        print(f"grad baseline step size: {grad_lr:g}")
+    grad_lr = grad_step(args, model, tok, args.methods if "single" in args.runs else ())
     names = set(args.methods if "single" in args.runs else ())
     if {"batched", "sequential"} & set(args.runs):
         names |= {"mend", "ft"} & set(args.methods)
-    methods = make_methods(model, tok, args.editor, grad_lr, args.ft_steps,
-                           [m for m in METHODS if m in names])  # fmt: skip
+    options = {k: getattr(args, k) for k in OPTIONS} | {"grad_lr": grad_lr}
+    methods = make_methods(model, tok, args.editor, [m for m in SPECS if m in names],
+                           args.sum_editor, **options)  # fmt: skip
     editor_for = {}
     if args.zsre_editor:
         editor_for["zsre"] = MendEditor(model, tok, load_editor(args.zsre_editor, model))

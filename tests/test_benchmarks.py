@@ -117,3 +117,139 @@ def test_check_variants_start_below_scale_one_and_still_edit(tokenizer):
     assert len({round(r, 4) for r in ratios}) == 1
     ratio = next(iter(ratios))
     assert min(abs(ratio - s) for s in (0.5, 1.0, 1.5)) < 1e-4
+
+
+def _ppl_text() -> str:
+    from conftest import corpus
+
+    return " ".join(corpus())
+
+
+def _summary_rows(path: Path, title: str) -> dict[tuple[str, int], list[str]]:
+    """(method, k) -> the cells after `edits` of the summary.md table under heading `title`."""
+    lines = path.read_text().split(f"## {title}")[1].split("\n## ")[0].splitlines()
+    rows = [[c.strip() for c in x.strip("|").split("|")] for x in lines if x.startswith("| ")]
+    assert rows[0][:3] == ["method", "k", "edits"]
+    return {(r[0], int(r[1])): r[2:] for r in rows[1:]}
+
+
+def _assert_summary_matches(compare, path: Path, setting: str, reports: dict) -> None:
+    """Every number of the summary's table is its report's, rounded as printed."""
+    rows = _summary_rows(path, compare.SETTINGS[setting])
+    assert set(rows) == set(reports)
+    metrics = ["rewrite_acc", "rephrase_acc", "locality_acc", "rewrite_gen", "rephrase_gen",
+               "locality_gen", "efficacy_score", "paraphrase_score", "neighborhood_score"]  # fmt: skip
+    for key, r in reports.items():
+        cells = rows[key]
+        assert int(cells[0]) == r["n_edits"]
+        for cell, m in zip(cells[1:10], metrics, strict=True):
+            assert float(cell) == pytest.approx(r[m], abs=5e-4), (key, m)
+        assert float(cells[10].rstrip("%")) / 100 == pytest.approx(r["ppl_change"], abs=5e-5)
+        assert float(cells[11]) == pytest.approx(r["seconds_per_batch_median"], abs=5e-5)
+
+
+def test_mass_sizes_below_the_small_limit_edit_fewer_requests_in_whole_changes():
+    compare = _load("compare")
+    counts = compare.edits_per_size([1, 3, 10, 100, 1000], 1000)
+    assert counts == {1: 100, 3: 99, 10: 100, 100: 1000, 1000: 1000}
+    assert compare.edits_per_size([1, 10], 1000, explicit={1: 1000}) == {1: 1000, 10: 100}
+    assert compare.edits_per_size([1, 10], 50, small=0) == {1: 50, 10: 50}
+    with pytest.raises(compare.MendError, match="size 100"):
+        compare.edits_per_size([100], 50)
+
+
+def test_compare_mass_reports_every_method_and_size_and_summarises_them(tmp_path, tokenizer):
+    import torch
+    from conftest import fact_requests, tiny_model
+
+    compare = _load("compare")
+    model = tiny_model("llama", len(tokenizer))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    methods = compare.make_methods(model, tokenizer, None, ["none", "ft"], ft_steps=1)
+    counts = compare.edits_per_size([1, 4], 8, small=4)  # size 1: only the first 4 edits
+    ppl = {"ppl_text": _ppl_text(), "ppl_windows": 2}
+    compare.run_setting(model, tokenizer, methods, fact_requests(8), "mass", [1, 4], tmp_path,
+                        counts, ppl=ppl, meta={"command": "compare.py --setting mass"})  # fmt: skip
+    reports = {(m, k): json.loads(compare.report_path(tmp_path, "mass", m, k).read_text())
+               for m in ("none", "ft") for k in (1, 4)}  # fmt: skip
+    assert {key: (r["n_edits"], r["batch_size"], r["method"]) for key, r in reports.items()} == {
+        ("none", 1): (4, 1, "none"), ("none", 4): (8, 4, "none"),
+        ("ft", 1): (4, 1, "ft"), ("ft", 4): (8, 4, "ft"),
+    }  # fmt: skip
+    none, ft = reports["none", 4], reports["ft", 4]
+    assert none["ppl_change"] == 0 and none["locality_acc"] == 1.0 and none["locality_gen"] == 1.0
+    assert ft["ppl_change"] != 0  # one step of ft moved the weights while the change was applied
+    for k, v in model.state_dict().items():  # every change was reverted exactly
+        assert torch.equal(v, original[k]), k
+    compare.write_summary(tmp_path)
+    _assert_summary_matches(compare, tmp_path / "summary.md", "mass", reports)
+    assert "- `compare.py --setting mass`" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "mass.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "lifelong.png").exists()
+
+
+def test_compare_lifelong_reports_each_methods_curve_per_batch_size(tmp_path, tokenizer):
+    import torch
+    from conftest import fact_requests, tiny_model
+
+    compare = _load("compare")
+    model = tiny_model("llama", len(tokenizer))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    methods = compare.make_methods(model, tokenizer, None, ["none", "ft"], ft_steps=1)
+    ppl = {"ppl_text": _ppl_text(), "ppl_windows": 2}
+    compare.run_setting(model, tokenizer, methods, fact_requests(8), "lifelong", [4, 1], tmp_path,
+                        every=4, ppl=ppl)  # fmt: skip
+    reports = {(m, k): json.loads(compare.report_path(tmp_path, "lifelong", m, k).read_text())
+               for m in ("none", "ft") for k in (4, 1)}  # fmt: skip
+    for (_, k), r in reports.items():
+        assert r["sequential"] and r["n_edits"] == 8 and r["batch_size"] == k
+        assert [p["n_edits"] for p in r["curve"]] == [4, 8]
+        assert len(r["batch_seconds"]) == 8 // k
+    ft = reports["ft", 1]  # the curve ends with every edit applied, the perplexity moved
+    assert ft["curve"][-1]["ppl"] == ft["ppl_after"] != ft["ppl_before"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+    compare.write_summary(tmp_path)
+    _assert_summary_matches(compare, tmp_path / "summary.md", "lifelong", reports)
+    assert (tmp_path / "lifelong.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _MustNotEdit:
+    def edit(self, requests):
+        raise AssertionError("an existing report was run again")
+
+
+def test_compare_rerun_keeps_existing_reports_and_replot_rebuilds_summary(
+    tmp_path, tokenizer, monkeypatch
+):
+    from conftest import fact_requests, tiny_model
+
+    compare = _load("compare")
+    model = tiny_model("llama", len(tokenizer))
+    edits = fact_requests(4)
+    methods = compare.make_methods(model, tokenizer, None, ["none"])
+    compare.run_setting(model, tokenizer, methods, edits, "mass", [1, 4], tmp_path, {1: 4, 4: 4})
+    first = {k: compare.report_path(tmp_path, "mass", "none", k).read_text() for k in (1, 4)}
+    compare.run_setting(model, tokenizer, {"none": _MustNotEdit()}, edits, "mass", [1, 4],
+                        tmp_path, {1: 4, 4: 4})  # fmt: skip
+    assert {
+        k: compare.report_path(tmp_path, "mass", "none", k).read_text() for k in (1, 4)
+    } == first
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded though every report is there")
+
+    monkeypatch.setattr(compare, "load_model", no_model)
+    argv = ["--setting", "mass", "--sizes", "1", "4", "--methods", "none", "--limit", "4",
+            "--out", str(tmp_path)]  # fmt: skip
+    compare.main(argv)  # resumes: nothing left to run, the summary is written
+    summary = (tmp_path / "summary.md").read_text()
+    rows = _summary_rows(tmp_path / "summary.md", compare.SETTINGS["mass"])
+    assert set(rows) == {("none", 1), ("none", 4)}
+    with pytest.raises(AssertionError, match="loaded"):  # --force runs them again
+        compare.main([*argv, "--force"])
+    (tmp_path / "summary.md").unlink()
+    (tmp_path / "mass.png").unlink()
+    compare.main(["--replot", str(tmp_path)])
+    assert (tmp_path / "summary.md").read_text() == summary
+    assert (tmp_path / "mass.png").stat().st_size > 1000
