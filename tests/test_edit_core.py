@@ -770,6 +770,141 @@ def test_least_squares_edits_in_sequence_keep_the_earlier_keys(tokenizer):
     assert drift(True, revert_first=True) > 0.5 * moved  # nothing left to keep
 
 
+def _low_rank_text(tokenizer, seed: int = 0):
+    """Synthetic text key moments C0 = Q diag(1..2) Q^T of rank in/4 per edited matrix, and
+    each one's dominant span Q (in, in/4): its null space is exactly the other 3/4."""
+    gen = torch.Generator().manual_seed(seed)
+    moments, spans = {}, {}
+    for p in find_editable(tiny_model("llama", len(tokenizer))):
+        d_in = p.in_out[0]
+        q = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen)).Q[:, : d_in // 4]
+        moments[p.name] = q @ torch.diag(torch.linspace(1.0, 2.0, d_in // 4)) @ q.T
+        spans[p.name] = q
+    return moments, spans
+
+
+def _edited_keys(editor, requests):
+    """{weight name: (n, in)} keys of the edited tokens of one batched edit of requests."""
+    batch = editor.batch([(r.prompt, r.target) for r in requests])
+    with torch.no_grad():
+        captured, _ = editor._capture(batch)
+    out = {}
+    for name, (u, delta) in captured.items():
+        out[name] = u[batch.attention_mask.bool() & (delta != 0).any(-1)].float()
+    return out
+
+
+def test_null_space_edit_leaves_the_outputs_of_text_keys_unchanged(tokenizer):
+    """Restricted to C0's null space, a batched edit changes W k by nothing (to float
+    rounding) for keys in C0's dominant span, which the unrestricted edit moves; the solve is
+    AlphaEdit's (P A + lambda I)^-1 P k_t."""
+    from conftest import tiny_mend
+
+    from mend.aggregate import null_space_basis, solved_keys
+
+    moments, spans = _low_rank_text(tokenizer)
+    reqs = fact_requests(4)
+    gen = torch.Generator().manual_seed(1)
+
+    def relative_moves(null_space):
+        editor = tiny_mend(tokenizer, aggregate="ls", boost=(), ridge=1e-4,
+                           text_moments=moments, null_space=null_space)  # fmt: skip
+        before = {p.name: p.weight.detach().clone() for p in editor.params}
+        editor.edit(reqs)
+        out = {}
+        for p in editor.params:
+            change = p.weight.detach() - before[p.name]  # (out, in), llama's Linear
+            k_o = spans[p.name] @ torch.randn(spans[p.name].shape[1], 20, generator=gen)
+            assert change.norm() > 0
+            out[p.name] = float((change @ k_o).norm() / (change.norm() * k_o.norm()))
+        return out
+
+    kept, moved = relative_moves(1e-3), relative_moves(None)
+    assert max(kept.values()) < 1e-5, kept
+    assert min(moved.values()) > 1e-2, moved
+
+    name = "model.layers.3.mlp.down_proj"
+    basis = null_space_basis(moments[name], 1e-3)  # (in, r)
+    assert basis.shape[1] == spans[name].shape[0] - spans[name].shape[1]
+    keys = torch.randn(10, basis.shape[0], generator=gen, dtype=torch.float64)
+    held = torch.randn(basis.shape[0], 30, generator=gen, dtype=torch.float64)
+    held = held @ held.T
+    got = solved_keys(keys, 10, 1e-2, held, basis.double())
+    proj = basis.double() @ basis.double().T
+    gram = keys.T @ keys
+    lam = 1e-2 * gram.trace() / 10
+    dense = torch.linalg.solve(proj @ (gram + held) + lam * torch.eye(len(proj)).double(),
+                               proj @ keys.T).T  # fmt: skip
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-9)
+
+
+def test_null_space_edit_still_gives_the_edited_keys_their_value_changes(tokenizer):
+    """Restricted to the null space, the edited tokens' keys still reach value changes close
+    to the asked ones v_t = -alpha (u~_t . k_t) d~_t (one row: fewer keys than the null space
+    has directions, so the projected keys can all be met)."""
+    from conftest import tiny_mend
+
+    moments, _ = _low_rank_text(tokenizer)
+    editor = tiny_mend(tokenizer, aggregate="ls", boost=(), ridge=1e-6, text_moments=moments,
+                       null_space=1e-3)  # fmt: skip
+    editor.net.eval()
+    req = fact_requests(1)
+    batch = editor.batch([(r.prompt, r.target) for r in req])
+    with torch.no_grad():
+        captured, _ = editor._capture(batch)
+        factors = editor.factors(batch, batch_size=None, captured=captured)
+    before = {p.name: p.weight.detach().clone() for p in editor.params}
+    editor.edit(req)
+    for p in editor.params:
+        u, delta = captured[p.name]
+        mask = batch.attention_mask.bool() & (delta != 0).any(-1)
+        k = u[mask].float()  # (n, in)
+        assert len(k) < editor.null_bases[p.name].shape[1]
+        u_t, d_t = (f[0][mask.reshape(-1)] for f in factors[p.name])
+        want = -editor.net.alpha(p.name).detach() * (u_t * k).sum(-1, keepdim=True) * d_t
+        got = k @ (p.weight.detach() - before[p.name]).T  # (n, out)
+        cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+        assert cos > 0.99, (p.name, float(cos))
+
+
+def test_null_space_edits_in_sequence_keep_the_earlier_keys(tokenizer):
+    """With the null space and the memory of earlier edits, a second edit leaves the outputs
+    at the first edit's keys nearly unchanged; without the memory it moves them."""
+    from conftest import tiny_mend
+
+    moments, _ = _low_rank_text(tokenizer)
+    first, second = fact_requests(8)[0], fact_requests(8)[5]
+    name = "model.layers.3.mlp.down_proj"
+
+    def drift(remember: bool) -> float:
+        editor = tiny_mend(tokenizer, aggregate="ls", boost=(), remember=remember,
+                           text_moments=moments, null_space=1e-3)  # fmt: skip
+        p = next(q for q in editor.params if q.name == name)
+        keys = _edited_keys(editor, [first])[name]
+        editor.edit([first])
+        w1 = p.weight.detach().clone()
+        editor.edit([second])
+        change = p.weight.detach() - w1
+        return float((keys @ change.T).norm() / (keys.norm() * change.norm()))
+
+    kept, moved = drift(True), drift(False)
+    assert kept < 0.1 * moved, (kept, moved)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_null_space_thresholds_outside_a_share_of_key_energy_are_refused(tokenizer, threshold):
+    from conftest import tiny_mend
+
+    moments, _ = _low_rank_text(tokenizer)
+    with pytest.raises(MendError, match="null-space threshold"):
+        tiny_mend(tokenizer, aggregate="ls", text_moments=moments, null_space=threshold)
+    with pytest.raises(MendError, match="aggregate='ls'"):
+        tiny_mend(tokenizer, aggregate="sum", text_moments=moments, null_space=1e-3)
+    flat = {n: torch.eye(len(m)) for n, m in moments.items()}  # every direction 1/in of it
+    with pytest.raises(MendError, match="null space is empty"):
+        tiny_mend(tokenizer, aggregate="ls", text_moments=flat, null_space=0.01)
+
+
 def test_key_memory_keeps_a_dropped_edit_keys_but_not_its_weights(tokenizer):
     """The memory holds results weakly: an edit whose result nobody keeps stays applied (its
     keys are held) and the weights it replaced are freed; a reverted one is forgotten."""

@@ -7,6 +7,10 @@ all of them (MALMEN, Tan et al. 2024), where C holds keys whose outputs should s
 earlier edits still applied (`KeyMemory`) and, weighted, those of ordinary text. In factor
 form u'_t = (u~_t . k_t) (K K^T + C + lambda I)^-1 k_t with d~_t unchanged, so the edit is
 still -alpha sum_t d~_t u'_t^T and applies, reverts and saves like any other.
+
+With a null-space basis U of ordinary text's keys (`null_space_basis`, AlphaEdit: Fang et al.
+2025) the change is restricted to P = U U^T: S = V K^T P ((K K^T + C) P + lambda I)^-1,
+which leaves S k_o = 0 for every key k_o orthogonal to U (see `solved_keys`).
 """
 
 from __future__ import annotations
@@ -15,26 +19,82 @@ import weakref
 
 import torch
 
+from mend.errors import MendError
 from mend.result import EditResult
 
 
 def solved_keys(
-    keys: torch.Tensor, n: int, ridge: float | torch.Tensor, held: torch.Tensor | None = None
+    keys: torch.Tensor,
+    n: int,
+    ridge: float | torch.Tensor,
+    held: torch.Tensor | None = None,
+    basis: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(K K^T + C + lambda I)^-1 k_t for every row of keys (T, in): the u'_t of an edit
     before each is scaled by its u~_t . k_t.
 
+    With a basis U (in, r) of orthonormal columns, P = U U^T, the change is restricted to P:
+    S = V K^T P (A P + lambda I)^-1, A = K K^T + C, so u'_t = (P A + lambda I)^-1 P k_t
+    (AlphaEdit's code). A key with P k_o = 0 has (A P + lambda I) k_o = lambda k_o, so the
+    inverse gives k_o / lambda, P zeroes it, and S k_o = 0. In the basis (U, its complement)
+    u'_t = U (U^T A U + lambda I_r)^-1 U^T k_t, which is also (P A P + lambda I)^-1 P k_t,
+    the paper's symmetric form: all three agree. The last is what runs: an (r, r) symmetric
+    solve whose u'_t are combinations of U's columns by construction, so S k_o vanishes to
+    the rounding of U's orthogonality, not of a dense projector's solve.
+
     Args:
         n: the number of edited tokens (rows of keys that are not empty slots).
-        ridge: lambda relative to the keys' mean squared norm; a tensor carries its gradient.
+        ridge: lambda relative to the keys' mean squared norm (unprojected, so a ridge means
+            the same lambda with and without a basis); a tensor carries its gradient.
         held: C, (in, in) second moments of keys whose outputs should stay, or None.
+        basis: U, (in, r), or None: no restriction.
     """
     gram = keys.T @ keys  # (in, in)
     lam = ridge * (gram.diagonal().sum() / max(n, 1)).detach()
     if held is not None:
         gram = gram + held
+    rhs = keys.T  # (in, T)
+    if basis is not None:
+        gram, rhs = basis.T @ gram @ basis, basis.T @ rhs  # (r, r), (r, T)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + lam * eye, keys.T).T  # (T, in)
+    solved = torch.linalg.solve(gram + lam * eye, rhs).T  # (T, in) or (T, r)
+    return solved if basis is None else solved @ basis.T
+
+
+def check_null_space(threshold: float) -> None:
+    """Refuse a null-space threshold that is not a share of key energy in (0, 1)."""
+    if not 0 < threshold < 1:
+        raise MendError(
+            f"the null-space threshold is a share of key energy in (0, 1), got {threshold}"
+        )
+
+
+def null_space_basis(moments: torch.Tensor, threshold: float) -> torch.Tensor:
+    """U (in, r): the eigenvectors of C0 = E[k k^T] (in, in) of ordinary text's keys that
+    together carry at most `threshold` of its trace E|k|^2, smallest eigenvalue first.
+
+    The threshold is thus a share of text's key energy: P = U U^T passes
+    E|P k|^2 = trace(P C0) <= threshold E|k|^2, so every matrix's change meets text keys
+    with the same bound. It is cumulative and normalised by the trace, not a cut of each
+    eigenvalue against the largest one or the trace (AlphaEdit's 1e-2 of an unnormalised
+    C0), because a few outlier directions (massive activations, up to nine tenths of the
+    trace in one eigenvalue) set the scale of such a cut: the same cut then passes a few
+    percent of text's energy in one layer and a third of it in the next.
+
+    Raises:
+        MendError: a threshold outside (0, 1), or one below C0's smallest eigenvalue's share
+            (an empty null space: the edit would change nothing).
+    """
+    check_null_space(threshold)
+    values, vectors = torch.linalg.eigh(moments.double())  # ascending
+    share = values.clamp(min=0).cumsum(0) / values.clamp(min=0).sum()
+    r = int((share <= threshold).sum())
+    if r == 0:
+        raise MendError(
+            f"no direction of the text keys carries under {threshold} of their energy "
+            f"(the smallest carries {float(share[0]):.3g}): the null space is empty"
+        )
+    return vectors[:, :r].to(moments.dtype).contiguous()
 
 
 class KeyMemory:

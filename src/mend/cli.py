@@ -62,6 +62,12 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
         "(WikiText, cached once per model) with this weight (0: off)",
     )  # fmt: skip
     p.add_argument(
+        "--null-space", type=float, default=None, metavar="THRESHOLD",
+        help="--aggregate ls (and --method ls): change only the directions of ordinary text's "
+        "keys that together carry at most THRESHOLD (0-1) of their energy, so the rest of "
+        "text's keys keep their outputs exactly (AlphaEdit's null space). Default: off",
+    )  # fmt: skip
+    p.add_argument(
         "--editor-fp32", action="store_true",
         help="run the editor networks in fp32 throughout (default: their large products in "
         "bf16 where the hardware has fast bf16, halving the editor's share of an edit)",
@@ -312,7 +318,7 @@ def _mend_editor(args, model, tok):
     editor = MendEditor(model, tok, net, boost=args.boost, start=args.start,
                         editor_bf16=False if args.editor_fp32 else None,
                         aggregate=args.aggregate, ridge=args.ridge,
-                        preserve=args.preserve)  # fmt: skip
+                        preserve=args.preserve, null_space=args.null_space)  # fmt: skip
     if args.shield is not None:
         from mend.shield import BANK_FILE, KeyBank, Shield
 
@@ -329,7 +335,7 @@ def _method(args, model, tok):
         return _mend_editor(args, model, tok)
     options = {
         k: getattr(args, k)
-        for k in ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "preserve", "loc_data")
+        for k in ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "preserve", "null_space", "loc_data")
     }
     return make_baseline(args.method, model, tok, **options)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mend.aggregate import KeyMemory, solved_keys
+from mend.aggregate import KeyMemory, check_null_space, null_space_basis, solved_keys
 from mend.checkpoint import load_editor, model_identity, save_editor
 from mend.data.collate import IGNORE, TokenBatch, make_batch
 from mend.editor.net import EditorNet
@@ -103,6 +103,10 @@ class MendEditor:
             mu n C0 joins K K^T in the solve, n the number of edited tokens and C0 =
             E[k k^T] over running text (`text_moments`; by default WikiText's, computed once
             per model by `key_stats.text_key_moments` and cached).
+        null_space: with "ls", restrict the change to the null space of ordinary text's
+            keys (AlphaEdit): the directions of C0 that together carry at most this share
+            (0, 1) of its trace (`aggregate.null_space_basis`), found once per matrix. Keys
+            in the span of C0's other directions keep their outputs exactly. None: off.
         adapt_stats: every edit also updates the editor's running mean and std of its inputs
             (u, delta) with its own tokens before transforming them, as training does
             (UltraEdit's lifelong normalisation). The statistics are not reverted with an edit.
@@ -124,6 +128,7 @@ class MendEditor:
         preserve: float = 0.0,
         text_moments: dict[str, torch.Tensor] | None = None,
         remember: bool = True,
+        null_space: float | None = None,
         adapt_stats: bool = False,
     ):
         self.model, self.tokenizer, self.net = model, tokenizer, net
@@ -142,6 +147,10 @@ class MendEditor:
         if preserve < 0:
             raise MendError(f"preserve must be >= 0, got {preserve}")
         self.preserve, self.text_moments = float(preserve), text_moments
+        if null_space is not None:
+            if aggregate != "ls":
+                raise MendError("null_space restricts a least-squares edit: give aggregate='ls'")
+            check_null_space(null_space)  # before the text statistics are computed
         # Keys of the least-squares edits still applied: a later solve keeps their outputs
         # (the running key sum of sequential editing).
         self.remember = remember
@@ -155,8 +164,12 @@ class MendEditor:
         if self.start != 1 and not self.boost:
             raise MendError("a start scale needs a check: give boost scales too")
         self.params = find_editable(model, net.names)
-        if self.preserve and self.text_moments is None:
+        if (self.preserve or null_space is not None) and self.text_moments is None:
             self.text_moments = text_key_moments(model, tokenizer, self.params)
+        # {weight name: U (in, r)}, P = U U^T: depends only on C0 and the threshold
+        self.null_bases = {} if null_space is None else {
+            p.name: null_space_basis(self.text_moments[p.name], null_space) for p in self.params
+        }  # fmt: skip
         for p in self.params:
             if p.in_out != net.shapes[p.name]:
                 raise MendError(
@@ -409,9 +422,9 @@ class MendEditor:
 
     def _least_squares(self, factors: Factors, captured: dict, batch: TokenBatch) -> Factors:
         """One edit whose change gives every edited token's key its own value change, keeping
-        the outputs at earlier edits' keys (`remember`) and ordinary text's (`preserve`);
-        see `mend.aggregate`. The solve depends on the keys only, so the check's scaled tries
-        of one edit reuse it."""
+        the outputs at earlier edits' keys (`remember`) and ordinary text's (`preserve`,
+        `null_space`); see `mend.aggregate`. The solve depends on the keys only, so the
+        check's scaled tries of one edit reuse it."""
         out = {}
         for name, (u_t, d_t) in factors.items():
             if name not in self._pending:
@@ -424,7 +437,9 @@ class MendEditor:
                     text = self.preserve * n * self.text_moments[name].to(keys)
                     held = text if held is None else held + text
                 ridge = self.net.ridge(name) if self.ridge is None else self.ridge
-                solved = solved_keys(keys, n, ridge, held)
+                basis = self.null_bases.get(name)
+                basis = None if basis is None else basis.to(keys)
+                solved = solved_keys(keys, n, ridge, held, basis)
                 self._pending[name] = (keys, solved, mask.reshape(-1))
             keys, solved, _ = self._pending[name]
             coef = (u_t[0] * keys).sum(-1, keepdim=True)  # (T, 1) u~ . k, zero on empty slots

@@ -29,8 +29,10 @@ def _grad(model, tokenizer, grad_lr: float = 1e-3, **_):
     return GradEditor(model, tokenizer, lr=grad_lr)
 
 
-def _ls(model, tokenizer, ls_lr: float = 100.0, preserve: float = 0.0, **_):
-    return least_squares_editor(model, tokenizer, lr=ls_lr, preserve=preserve)
+def _ls(model, tokenizer, ls_lr: float = 100.0, preserve: float = 0.0,
+        null_space: float | None = None, **_):  # fmt: skip
+    return least_squares_editor(model, tokenizer, lr=ls_lr, preserve=preserve,
+                                null_space=null_space)  # fmt: skip
 
 
 def _none(model, tokenizer, **_):
@@ -44,7 +46,7 @@ BASELINES: dict[str, Callable] = {
 
 
 def make_baseline(name: str, model, tokenizer, **options):
-    """The baseline method `name` for model, with its options (ft_lr, ft_steps, grad_lr, ls_lr, preserve, loc_data)."""
+    """The baseline method `name` for model, with its options (ft_lr, ft_steps, grad_lr, ls_lr, preserve, null_space, loc_data)."""
     if name not in BASELINES:
         raise MendError(f"unknown method {name!r}; choose one of {', '.join(BASELINES)}")
     return BASELINES[name](model, tokenizer, **options)

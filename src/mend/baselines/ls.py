@@ -16,12 +16,13 @@ from mend.models.params import find_editable
 
 def least_squares_editor(
     model, tokenizer, lr: float = 100.0, ridge: float = 1e-4, preserve: float = 0.0,
-    text_moments=None, edit_modules=(),
+    text_moments=None, edit_modules=(), null_space: float | None = None,
 ):  # fmt: skip
     """A MendEditor whose editor is the identity (u~ = k, delta~ = delta, step `lr`), solving
-    (with `preserve` > 0, holding the keys of ordinary text in place: `MendEditor`)."""
+    (with `preserve` > 0, holding the keys of ordinary text in place; with `null_space`,
+    changing only what text's keys leave out: `MendEditor`)."""
     shapes = {p.name: p.in_out for p in find_editable(model, edit_modules)}
     config = EditorConfig(n_blocks=0, init_alpha=lr, precondition=None, edit_modules=edit_modules)
     return MendEditor(model, tokenizer, EditorNet(shapes, config), boost=(), aggregate="ls",
                       ridge=ridge, preserve=preserve, text_moments=text_moments,
-                      editor_bf16=False)  # fmt: skip
+                      null_space=null_space, editor_bf16=False)  # fmt: skip
