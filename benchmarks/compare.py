@@ -67,7 +67,15 @@ SHORT = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "
 
 METHODS = ("mend", *BASELINES)
 SPECS = ("mend", "mend-sum", *BASELINES)  # what --methods takes
-OPTIONS = ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "preserve", "loc_data")  # the baselines' flags
+OPTIONS = (
+    "ft_lr",
+    "ft_steps",
+    "grad_lr",
+    "ls_lr",
+    "preserve",
+    "null_space",
+    "loc_data",
+)  # the baselines' flags
 SETTINGS = {"mass": "Mass editing: k edits made as one change, scored, reverted",
             "lifelong": "Lifelong editing: batches of k edits kept applied one after another; "
             "every edit scored at the end"}  # fmt: skip
@@ -437,8 +445,13 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--ft-steps", type=int, help="ft / ft-kl step limit per edit (default 40)")
     ap.add_argument("--ft-lr", type=float, help="ft / ft-kl learning rate (default 5e-4)")
-    ap.add_argument("--ls-lr", type=float, help="ls: step of the identity editor (default 100)")
+    ap.add_argument("--ls-lr", type=float, help="ls: step of the identity editor (default 0.003)")
     ap.add_argument("--preserve", type=float, help="ls: weight holding ordinary text's keys")
+    ap.add_argument(
+        "--null-space",
+        type=float,
+        help="ls: keep the change off this share of ordinary text's key energy",
+    )
     ap.add_argument("--loc-data", help="ft-kl: text for locality inputs (default wikitext-valid)")
     ap.add_argument("--sum-editor", help="mend-sum: the editor (default: --editor)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])

@@ -67,6 +67,9 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
         "keys that together carry at most THRESHOLD (0-1) of their energy, so the rest of "
         "text's keys keep their outputs exactly (AlphaEdit's null space). Default: off",
     )  # fmt: skip
+    p.add_argument("--adapt-stats", action="store_true",
+                   help="every edit also updates the editor's input statistics with its own "
+                   "tokens (UltraEdit's lifelong normalisation; not reverted with the edit)")  # fmt: skip
     p.add_argument(
         "--editor-fp32", action="store_true",
         help="run the editor networks in fp32 throughout (default: their large products in "
@@ -118,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--ft-lr", type=float, default=5e-4, help="ft / ft-kl learning rate")
     e.add_argument("--ft-steps", type=int, default=40, help="ft / ft-kl step limit per edit")
     e.add_argument("--grad-lr", type=float, default=1e-3, help="grad: step size")
-    e.add_argument("--ls-lr", type=float, default=100.0, help="ls: step of the identity editor")
+    e.add_argument("--ls-lr", type=float, default=0.003,
+                   help="ls: step of the identity editor (0.003: WikiText perplexity +6%% at 100 "
+                   "CounterFact edits in one change; 0.01 lands more edits and breaks more)")  # fmt: skip
     e.add_argument("--loc-data", default="wikitext-valid", help="ft-kl: text for locality inputs")
     e.add_argument("--data", required=True)
     e.add_argument("--limit", type=int, default=None)
@@ -318,7 +323,8 @@ def _mend_editor(args, model, tok):
     editor = MendEditor(model, tok, net, boost=args.boost, start=args.start,
                         editor_bf16=False if args.editor_fp32 else None,
                         aggregate=args.aggregate, ridge=args.ridge,
-                        preserve=args.preserve, null_space=args.null_space)  # fmt: skip
+                        preserve=args.preserve, null_space=args.null_space,
+                        adapt_stats=args.adapt_stats)  # fmt: skip
     if args.shield is not None:
         from mend.shield import BANK_FILE, KeyBank, Shield
 

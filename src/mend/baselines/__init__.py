@@ -29,7 +29,7 @@ def _grad(model, tokenizer, grad_lr: float = 1e-3, **_):
     return GradEditor(model, tokenizer, lr=grad_lr)
 
 
-def _ls(model, tokenizer, ls_lr: float = 100.0, preserve: float = 0.0,
+def _ls(model, tokenizer, ls_lr: float = 0.003, preserve: float = 0.0,
         null_space: float | None = None, **_):  # fmt: skip
     return least_squares_editor(model, tokenizer, lr=ls_lr, preserve=preserve,
                                 null_space=null_space)  # fmt: skip

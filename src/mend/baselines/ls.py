@@ -15,7 +15,7 @@ from mend.models.params import find_editable
 
 
 def least_squares_editor(
-    model, tokenizer, lr: float = 100.0, ridge: float = 1e-4, preserve: float = 0.0,
+    model, tokenizer, lr: float = 0.003, ridge: float = 1e-4, preserve: float = 0.0,
     text_moments=None, edit_modules=(), null_space: float | None = None,
 ):  # fmt: skip
     """A MendEditor whose editor is the identity (u~ = k, delta~ = delta, step `lr`), solving
