@@ -8,7 +8,7 @@ from mend.checkpoint import load_editor
 from mend.data import load_checked
 from mend.edit import MendEditor
 from mend.errors import MendError
-from mend.evaluate import evaluate, format_report
+from mend.evaluate import evaluate, format_report, ppl_text
 from mend.files import write_json
 from mend.models import context_length
 from mend.models.forward import greedy
@@ -67,7 +67,7 @@ def run_demo(
         if para:
             print(f"    paraphrase {req.rephrases[0]!r}: {para!r}")
     print(f"\nscoring {len(test)} held-out edits:")
-    report = evaluate(model, tokenizer, editor, test)
+    report = evaluate(model, tokenizer, editor, test, ppl_text=ppl_text())
     write_json(out / "demo_report.json", report)
     print(format_report(report))
     return report
