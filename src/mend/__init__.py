@@ -13,6 +13,7 @@ from mend.errors import MendError
 from mend.evaluate import evaluate
 from mend.models import load_model
 from mend.result import EditResult, apply_delta
+from mend.sequence import EditSequence
 from mend.training.loop import train
 from mend.training.recipe import load_recipe
 from mend.types import EditRequest, Probe
@@ -20,6 +21,7 @@ from mend.types import EditRequest, Probe
 __all__ = [
     "EditRequest",
     "EditResult",
+    "EditSequence",
     "EditorNet",
     "EditorConfig",
     "MendEditor",
