@@ -14,6 +14,7 @@ mend eval --threads 1 --editor $E --data counterfact-val --limit 200 --out $R/si
 # 10, 100, 1,000 edits in one change (100 edits at k = 10, 500 at k = 100, 1,000 at k = 1,000)
 python benchmarks/compare.py --threads 1 --setting mass --sizes 10 100 1000 --limit-per-size 100=500 \
   --methods mend ls --editor $E --data counterfact-val --limit 1000 --out $R/mass > $R/mass.txt
+mend eval --threads 1 --method ls --data counterfact-val --limit 100 --batch-size 100 --out $R/ls-k100.json > $R/ls-k100.txt
 # zsRE, the same editor (trained on CounterFact only), 100 edits in one change
 mend eval --threads 1 --editor $E --data zsre-eval --limit 100 --batch-size 100 --out $R/zsre-k100.json > $R/zsre-k100.txt
 # 1,000 edits in sequence, batches of 100 and of 1; batches of 100 with adapted statistics
