@@ -10,7 +10,6 @@ A checkpoint folder holds:
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from mend.config import EditorConfig
 from mend.editor.net import EditorNet
 from mend.errors import MendError
-from mend.files import atomic_write, write_json
+from mend.files import atomic_write, read_json_format, write_json
 from mend.models.params import find_editable
 
 FORMAT = "mend-editor-v1"
@@ -75,14 +74,7 @@ def resave_editor(folder: str | Path, net: EditorNet) -> None:
 
 def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MendError(f"not an editor checkpoint: {path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MendError(f"corrupt editor checkpoint: cannot read {path} ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise MendError(f"corrupt editor checkpoint: {path} is not a {FORMAT} config")
+    config = read_json_format(path, FORMAT, "not an editor checkpoint", "corrupt editor checkpoint")
     model, editor = config.get("model"), config.get("editor")
     params = model.get("params") if isinstance(model, dict) else None
     if (

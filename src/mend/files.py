@@ -82,3 +82,20 @@ def read_tensors(path: str | Path, fmt: str, what: str) -> tuple[dict, dict]:
     if meta.get("format") != fmt:
         raise MendError(f"{path} is not a {what} (format {meta.get('format')!r}, not {fmt!r})")
     return tensors, meta
+
+
+def read_json_format(path: Path, fmt: str, missing: str, corrupt: str) -> dict:
+    """The JSON object at `path`, whose "format" must be `fmt`.
+
+    Raises MendError "{missing}: {path} is missing" when there is no file, and one starting
+    with `corrupt` when it cannot be read, is not JSON, or holds another format.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MendError(f"{missing}: {path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MendError(f"{corrupt}: cannot read {path} ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise MendError(f"{corrupt}: {path} is not a {fmt} file")
+    return data

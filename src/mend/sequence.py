@@ -14,7 +14,6 @@ rebuilt from the keys of the edits kept, in order (`KeyMemory.replace`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from safetensors.torch import save_file
 
 from mend.checkpoint import model_identity
 from mend.errors import MendError
-from mend.files import atomic_folder, read_tensors, write_json
+from mend.files import atomic_folder, read_json_format, read_tensors, write_json
 from mend.models.params import EditableParam
 from mend.result import EditResult, Update, WeightPool
 from mend.result import save_model as write_model
@@ -338,14 +337,7 @@ def _request(d: dict) -> EditRequest:
 
 def _read_state(folder: Path) -> dict:
     path = folder / STATE_FILE
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MendError(f"no saved edit sequence: {path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MendError(f"corrupt edit sequence: cannot read {path} ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise MendError(f"{path} is not a {FORMAT} file")
+    state = read_json_format(path, FORMAT, "no saved edit sequence", "corrupt edit sequence")
     needed = ("model", "dtype", "base_sha256", "edited_sha256", "next_id", "edits")
     if any(k not in state for k in needed):
         raise MendError(f"corrupt edit sequence: {path} lacks one of {', '.join(needed)}")

@@ -33,7 +33,7 @@ from mend.losses import edit_loss, kl_base_edited, row_nll
 from mend.metrics import all_correct, argmax_unchanged
 from mend.models.forward import scored_logits
 from mend.models.upper import UpperStack
-from mend.training.sampling import StepRows
+from mend.training.sampling import StepRows, build_rows
 
 # {weight name: (keys (T, in), output gradients (T, out))} of every edited token of a step
 Tokens = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -214,8 +214,6 @@ def validate_ls(editor: MendEditor, val, cfg: TrainConfig, stack=None) -> dict[s
     """Mean losses and accuracies of least-squares edits of each size in
     `sampling.edit_sizes` (at least 32 edits of each size that the validation edits allow),
     averaged over the sizes; each size's own accuracies as e.g. "rewrite_acc@100"."""
-    from mend.training.sampling import build_rows
-
     was_training = editor.net.training
     editor.net.eval()
     per_size: dict[int, dict[str, float]] = {}
