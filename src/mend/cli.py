@@ -17,6 +17,9 @@ BASELINE_NAMES = (
     "grad",
     "ls",
     "none",
+    "rome",
+    "memit",
+    "alphaedit",
 )  # mend.baselines.BASELINES, without loading torch
 
 
@@ -63,9 +66,10 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--null-space", type=float, default=None, metavar="THRESHOLD",
-        help="--aggregate ls (and --method ls): change only the directions of ordinary text's "
-        "keys that together carry at most THRESHOLD (0-1) of their energy, so the rest of "
-        "text's keys keep their outputs exactly (AlphaEdit's null space). Default: off",
+        help="--aggregate ls (and --method ls, alphaedit): change only the directions of "
+        "ordinary text's keys that together carry at most THRESHOLD (0-1) of their energy, so "
+        "the rest of text's keys keep their outputs exactly (AlphaEdit's null space). "
+        "Default: off (alphaedit: 0.02)",
     )  # fmt: skip
     p.add_argument("--adapt-stats", action="store_true",
                    help="every edit also updates the editor's input statistics with its own "
@@ -125,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="ls: step of the identity editor (0.003: WikiText perplexity +6%% at 100 "
                    "CounterFact edits in one change; 0.01 lands more edits and breaks more)")  # fmt: skip
     e.add_argument("--loc-data", default="wikitext-valid", help="ft-kl: text for locality inputs")
+    e.add_argument(
+        "--layers", type=int, nargs="+", metavar="L",
+        help="rome / memit / alphaedit: the blocks whose MLP output matrix is edited (default: "
+        "MEMIT's GPT-J window, blocks 3-8 of 28, scaled to the model; ROME its last block)",
+    )  # fmt: skip
+    e.add_argument("--mom2-weight", type=float, default=15000.0,
+                   help="memit: weight of ordinary text's key covariance (MEMIT's GPT-J value)")  # fmt: skip
     e.add_argument("--data", required=True)
     e.add_argument("--limit", type=int, default=None)
     e.add_argument(
@@ -335,14 +346,11 @@ def _mend_editor(args, model, tok):
 
 def _method(args, model, tok):
     """The editing method named by --method, on the same weights MEND edits."""
-    from mend.baselines import make_baseline
+    from mend.baselines import OPTIONS, make_baseline
 
     if args.method == "mend":
         return _mend_editor(args, model, tok)
-    options = {
-        k: getattr(args, k)
-        for k in ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "preserve", "null_space", "loc_data")
-    }
+    options = {k: getattr(args, k) for k in OPTIONS}
     return make_baseline(args.method, model, tok, **options)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -110,20 +111,30 @@ def prompt_keys(model, param: EditableParam, batches) -> torch.Tensor:
     return scored_inputs(model, [param], batches, first=True)[param.name]
 
 
+class _Seen(Exception):
+    """Raised once every hooked matrix has seen the batch: the blocks above need not run."""
+
+
 @torch.no_grad()
 def key_moments(model, params: list[EditableParam], batches) -> dict[str, torch.Tensor]:
     """Second moment E[x x^T] (in, in), float64, of every edited matrix's input.
+
+    Each forward pass stops once every matrix has seen its batch, so the moments of early
+    blocks cost only the blocks up to them.
 
     Args:
         batches: TokenBatches; every real (non-padding) token position is one sample.
     """
     sums = {p.name: torch.zeros(p.in_out[0], p.in_out[0], dtype=torch.float64) for p in params}
-    state = {"mask": None, "count": 0}
+    state = {"mask": None, "count": 0, "seen": set()}
 
     def make_hook(name: str):
         def hook(module, inputs, output):
             x = inputs[0][state["mask"]].double().cpu()  # (tokens, in)
             sums[name] += x.T @ x
+            state["seen"].add(name)
+            if len(state["seen"]) == len(sums):
+                raise _Seen
 
         return hook
 
@@ -132,9 +143,12 @@ def key_moments(model, params: list[EditableParam], batches) -> dict[str, torch.
         for batch in batches:
             state["mask"] = batch.attention_mask.bool()
             state["count"] += int(state["mask"].sum())
-            model.base_model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            )
+            state["seen"] = set()
+            with contextlib.suppress(_Seen):
+                model.base_model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    use_cache=False,
+                )  # fmt: skip
     finally:
         for h in handles:
             h.remove()

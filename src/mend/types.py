@@ -29,6 +29,8 @@ class EditRequest:
         locality: probes whose predictions should stay as they were.
         target_true: the answer before the edit, when known (CounterFact scores).
         neighborhood: prompts of unrelated subjects whose answer is `target_true` (CounterFact).
+        subject: the entity the fact is about, as written in the prompt, when known
+            (CounterFact, zsRE): where the locate-then-edit methods read their keys.
     """
 
     prompt: str
@@ -37,3 +39,4 @@ class EditRequest:
     locality: tuple[Probe, ...] = field(default_factory=tuple)
     target_true: str | None = None
     neighborhood: tuple[str, ...] = field(default_factory=tuple)
+    subject: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mend.baselines.ft import FTEditor, kl_prompts
+from mend.baselines.locate import LocateConfig, LocateEditor, default_layers
 from mend.baselines.ls import least_squares_editor
 from mend.baselines.simple import GradEditor, NoEdit
 from mend.errors import MendError
@@ -35,6 +36,19 @@ def _ls(model, tokenizer, ls_lr: float = 0.003, preserve: float = 0.0,
                                 null_space=null_space)  # fmt: skip
 
 
+def _locate(method: str):
+    def build(model, tokenizer, layers=None, mom2_weight: float | None = None,
+              null_space: float | None = None, **_):  # fmt: skip
+        given = {"mom2_weight": mom2_weight, "null_space": null_space}
+        config = LocateConfig.published(
+            method, tuple(layers) if layers else default_layers(model, method),
+            **{k: v for k, v in given.items() if v is not None},
+        )  # fmt: skip
+        return LocateEditor(model, tokenizer, method, config)
+
+    return build
+
+
 def _none(model, tokenizer, **_):
     return NoEdit(model, tokenizer)
 
@@ -42,17 +56,24 @@ def _none(model, tokenizer, **_):
 # name -> builder(model, tokenizer, **options); options a builder does not use are ignored
 BASELINES: dict[str, Callable] = {
     "ft": _ft, "ft-kl": _ft_kl, "grad": _grad, "ls": _ls, "none": _none,
+    "rome": _locate("rome"), "memit": _locate("memit"), "alphaedit": _locate("alphaedit"),
 }  # fmt: skip
 
 
+# every option some baseline builder reads (`mend eval` and compare.py flags of these names)
+OPTIONS = ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "preserve", "null_space", "loc_data",
+           "layers", "mom2_weight")  # fmt: skip
+
+
 def make_baseline(name: str, model, tokenizer, **options):
-    """The baseline method `name` for model, with its options (ft_lr, ft_steps, grad_lr, ls_lr, preserve, null_space, loc_data)."""
+    """The baseline method `name` for model, with its options (ft_lr, ft_steps, grad_lr, ls_lr,
+    preserve, null_space, loc_data; layers, mom2_weight for rome, memit and alphaedit)."""
     if name not in BASELINES:
         raise MendError(f"unknown method {name!r}; choose one of {', '.join(BASELINES)}")
     return BASELINES[name](model, tokenizer, **options)
 
 
 __all__ = [
-    "BASELINES", "FTEditor", "GradEditor", "NoEdit", "kl_prompts", "least_squares_editor",
-    "make_baseline",
+    "BASELINES", "OPTIONS", "FTEditor", "GradEditor", "LocateConfig", "LocateEditor", "NoEdit",
+    "kl_prompts", "least_squares_editor", "make_baseline",
 ]  # fmt: skip

@@ -4,7 +4,7 @@ mend's own JSONL format, one object per line:
     {"prompt": "The capital of France is", "target": "Lyon",
      "rephrases": ["France's capital city is"],                      # optional
      "locality": [{"prompt": "The capital of Spain is", "answer": "Madrid"}],  # optional
-     "target_true": "Paris"}                                          # optional
+     "target_true": "Paris", "subject": "France"}                     # optional
 A locality probe without "answer" checks the next-token prediction after its prompt.
 """
 
@@ -47,6 +47,11 @@ def _texts(value: Any, key: str, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _subject(rec: dict, where: str) -> str | None:
+    value = rec.get("subject")
+    return _text(value, "subject", where) if value is not None else None
+
+
 def _rome_target(value: Any, key: str, where: str) -> str:
     """ROME stores targets as {"str": ...}; a plain string is accepted too."""
     if isinstance(value, dict) and "str" in value:
@@ -70,6 +75,7 @@ def _counterfact_easyedit(rec: dict, where: str) -> EditRequest:
         locality=locality,
         target_true=rec["ground_truth"],
         neighborhood=neighborhood,
+        subject=_subject(rec, where),
     )
 
 
@@ -89,6 +95,7 @@ def _counterfact_rome(rec: dict, where: str) -> EditRequest:
         locality=tuple(Probe(p, true) for p in neighbors),
         target_true=true,
         neighborhood=neighbors,
+        subject=_subject(rw, where),
     )
 
 
@@ -107,6 +114,7 @@ def _zsre(rec: dict, where: str) -> EditRequest | None:
         rephrases=reph,
         locality=locality,
         target_true=answers[0] if answers else None,
+        subject=_subject(rec, where),
     )
 
 
@@ -126,6 +134,7 @@ def _jsonl(rec: dict, where: str) -> EditRequest:
         locality=tuple(probes),
         target_true=rec.get("target_true"),
         neighborhood=_texts(rec.get("neighborhood", ()), "neighborhood", where),
+        subject=_subject(rec, where),
     )
 
 
