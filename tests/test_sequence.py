@@ -267,3 +267,69 @@ def test_edits_made_around_the_sequence_are_refused(tokenizer):
         seq.revert_last(3)
     with pytest.raises(MendError, match="already carries edits"):
         EditSequence(editor)
+
+
+@pytest.mark.parametrize("swap_depth", [0, 1, 9])
+def test_removing_a_middle_edit_gives_the_weights_of_a_sequence_that_never_made_it(
+    tokenizer, swap_depth
+):
+    """Anchored, summed edits (the default editor, its check on): A, B, C then remove B is,
+    bit for bit, A then C; the next edit lands the same on both."""
+    facts = _facts()
+    a, b, c, d = [facts[0]], [facts[1], facts[2]], [facts[3]], [facts[9]]
+    seq = EditSequence(tiny_mend(tokenizer), swap_depth)
+    for group in (a, b, c):
+        seq.edit(group)
+    with_b = _weights(seq)
+    seq.remove(2)
+    assert [r.id for r in seq.records] == [1, 3]
+    assert [r.requests for r in seq.records] == [a, c]
+    other = EditSequence(tiny_mend(tokenizer))
+    other.edit(a)
+    other.edit(c)
+    assert not _equal(_weights(seq), with_b)
+    assert _equal(_weights(seq), _weights(other))
+    seq.edit(d)
+    other.edit(d)
+    assert _equal(_weights(seq), _weights(other))
+    assert seq.records[-1].id == 4  # ids are never reused
+
+
+def test_removing_the_last_or_first_edit_and_unknown_ids(tokenizer):
+    facts = _facts()
+    seq = EditSequence(tiny_mend(tokenizer, boost=()))  # unchecked: the first is like the rest
+    states = _chain(seq, CHAIN[:3])
+    seq.remove(3)  # the last: a revert
+    assert _equal(_weights(seq), states[2])
+    with pytest.raises(MendError, match="no edit 3"):
+        seq.remove(3)
+    seq.remove(1)
+    other = EditSequence(tiny_mend(tokenizer, boost=()))
+    other.edit([facts[1], facts[2]])
+    assert _equal(_weights(seq), _weights(other))
+    seq.remove(2)
+    assert len(seq) == 0 and _equal(_weights(seq), states[0])
+    assert not seq.method.moved()
+
+
+def test_removing_an_edit_of_a_least_squares_editor_keeps_the_later_factors(tokenizer):
+    """The later edits' solved factors stay as computed; the memory forgets the removed keys."""
+    seq = EditSequence(tiny_mend(tokenizer, aggregate="ls", boost=()))
+    _chain(seq, CHAIN[:3])
+    kept = [seq.records[0], seq.records[2]]
+    factors = [dict(r.updates) for r in kept]
+    seq.remove(2)
+    assert [r.updates for r in seq.records] == factors
+    expected = _key_sums(kept)
+    held = _held(seq.method)
+    assert held.keys() == expected.keys()
+    assert all(torch.equal(h, expected[n]) for n, h in held.items())
+    replayed = EditSequence(tiny_mend(tokenizer, aggregate="ls", boost=()))
+    entries = [sequence.record_entry(r) for r in kept]
+    tensors = [sequence.record_tensors(r) for r in kept]
+    factors_all = {k: v for f, _ in tensors for k, v in f.items()}
+    keys_all = {k: v for _, ks in tensors for k, v in ks.items()}
+    replayed.restore(entries, factors_all, keys_all, next_id=4)
+    assert _equal(_weights(replayed), _weights(seq))
+    assert replayed.checksums() == seq.checksums()
+    assert replayed.checksums()["base"] != replayed.checksums()["edited"]

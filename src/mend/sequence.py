@@ -141,6 +141,32 @@ class EditSequence:
         self.records = kept
         self._mark()
 
+    def remove(self, edit_id: int) -> None:
+        """Undo the edit numbered `edit_id` alone, keeping the edits made after it.
+
+        The weights become the base weights plus the factors of every other edit, added in
+        order, exactly as they were stored when each edit was made (the last edit is undone by
+        `revert_last`). With an anchored, summed editor (`MendEditor`'s default) an edit made
+        while others are applied takes its gradient on the base weights and adds its change
+        unchecked, so its factors do not depend on the edits before it: removing an edit that
+        is not the first gives, bit for bit, the weights of a sequence that never made it.
+        Removing the first edit keeps the later edits' factors, which were computed as edits
+        joining others (no check, no shared part), where a fresh sequence would have checked
+        the new first edit. A least-squares editor (`aggregate="ls"`) solved each later edit
+        holding the earlier edits' keys: those factors are kept as computed, and its memory
+        forgets the removed edit's keys.
+        """
+        index = next((i for i, r in enumerate(self.records) if r.id == edit_id), None)
+        if index is None:
+            raise MendError(f"no edit {edit_id} in the sequence")
+        if index == len(self.records) - 1:
+            return self.revert_last(1)
+        self._check_in_step()
+        kept = self.records[:index] + self.records[index + 1 :]
+        self._replay(kept)
+        self.records = kept
+        self._mark()
+
     def _replay(self, records: list[EditRecord]) -> None:
         """Make the weights W0 + D1 + ... from the base, with the function that made them."""
         for r in self.records:  # no revert outside the sequence may swap old weights back
@@ -181,13 +207,9 @@ class EditSequence:
         self._check_in_step()
         factors, keys = {}, {}
         for r in self.records:
-            for name, change in r.updates.items():
-                pair = isinstance(change, tuple)
-                parts = {"u": change[0], "d": change[1]} if pair else {"delta": change}
-                for tag, t in parts.items():
-                    factors[f"{r.id}/{name}/{tag}"] = _cpu(t)
-            for name, k in (r.keys or {}).items():
-                keys[f"{r.id}/{name}"] = _cpu(k)
+            f, k = record_tensors(r)
+            factors |= f
+            keys |= k
         state = {
             "format": FORMAT,
             "model": model_identity(self.model, list(self._params)),
@@ -195,15 +217,7 @@ class EditSequence:
             "base_sha256": self._base_checksums(),
             "edited_sha256": _checksums(self._current()),
             "next_id": self._next_id,
-            "edits": [
-                {
-                    "id": r.id,
-                    "time": r.time,
-                    "weights": list(r.updates),
-                    "requests": [asdict(q) for q in r.requests],
-                }
-                for r in self.records
-            ],
+            "edits": [record_entry(r) for r in self.records],
         }
         with atomic_folder(folder) as tmp:
             meta = {"format": FORMAT}
@@ -228,15 +242,9 @@ class EditSequence:
         keys, _ = read_tensors(folder / KEYS_FILE, FORMAT, "mend edit sequence")
         try:
             seq._check_base(state, folder)
-            records = [seq._record(e, factors, keys) for e in state["edits"]]
-            next_id = int(state["next_id"])
-        except MendError:
-            raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MendError(f"corrupt edit sequence in {folder}: {e!r}") from None
-        seq._replay(records)
-        seq.records, seq._next_id = records, next_id
-        seq._mark()
+        seq.restore(state["edits"], factors, keys, state["next_id"], str(folder))
         if _checksums(seq._current()) != state["edited_sha256"]:
             log.warning(
                 "the weights remade from %s differ in their last bits from those saved (other "
@@ -256,6 +264,34 @@ class EditSequence:
         if folder.is_dir() and any(folder.iterdir()):
             raise MendError(f"{folder} holds no saved edit sequence (no {STATE_FILE})")
         return cls(method, swap_depth)
+
+    def restore(
+        self, entries: list[dict], factors: dict, keys: dict, next_id: int, where: str = "input"
+    ) -> None:
+        """Make saved edits this (empty) sequence's edits, as `load` does.
+
+        Args:
+            entries: each edit as `record_entry` writes it, in the order they were made.
+            factors, keys: their tensors, named as `record_tensors` names them.
+            next_id: the number the next edit gets (ids are never reused).
+            where: where they were read from, for errors.
+        """
+        if self.records:
+            raise MendError("restore needs an empty sequence")
+        try:
+            records = [self._record(e, factors, keys) for e in entries]
+            next_id = int(next_id)
+        except MendError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MendError(f"corrupt edit sequence in {where}: {e!r}") from None
+        self._replay(records)
+        self.records, self._next_id = records, next_id
+        self._mark()
+
+    def checksums(self) -> dict[str, dict[str, str]]:
+        """sha256 of each edited weight's bytes: {"base": of the base weights, "edited": now}."""
+        return {"base": dict(self._base_checksums()), "edited": _checksums(self._current())}
 
     def _check_base(self, state: dict, folder: Path) -> None:
         """Refuse a model whose edited weights are not the base the sequence was saved on."""
@@ -311,6 +347,29 @@ class EditSequence:
         return {name: p.weight.data for name, p in self._params.items()}
 
 
+def record_entry(r: EditRecord) -> dict:
+    """An edit's number, time, edited weights and requests, as JSON values."""
+    return {
+        "id": r.id,
+        "time": r.time,
+        "weights": list(r.updates),
+        "requests": [asdict(q) for q in r.requests],
+    }
+
+
+def record_tensors(r: EditRecord) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An edit's factors and KeyMemory keys on the CPU, named as a saved sequence names them."""
+    factors, keys = {}, {}
+    for name, change in r.updates.items():
+        pair = isinstance(change, tuple)
+        parts = {"u": change[0], "d": change[1]} if pair else {"delta": change}
+        for tag, t in parts.items():
+            factors[f"{r.id}/{name}/{tag}"] = _cpu(t)
+    for name, k in (r.keys or {}).items():
+        keys[f"{r.id}/{name}"] = _cpu(k)
+    return factors, keys
+
+
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().clone()
 
@@ -332,6 +391,7 @@ def _request(d: dict) -> EditRequest:
         tuple(Probe(**p) for p in d["locality"]),
         d["target_true"],
         tuple(d["neighborhood"]),
+        d.get("subject"),
     )
 
 
