@@ -18,7 +18,8 @@ LAYER = {
     "sequence": 5,
     "evaluate": 6, "training": 6, "baselines": 6,
     "demo": 7,
-    "cli": 8,
+    "serve": 8,
+    "cli": 9,
 }  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""`mend train | eval | edit | apply | demo | fit-shared | build-shield`: parsing and printing."""
+"""`mend train | eval | edit | apply | demo | fit-shared | build-shield | serve`: parsing and
+printing."""
 
 from __future__ import annotations
 
@@ -226,6 +227,19 @@ def _parser() -> argparse.ArgumentParser:
         "--train-records", type=int, default=2000,
         help="train on the first N CounterFact training edits (0: all)",
     )  # fmt: skip
+    v = sub.add_parser(
+        "serve", help="serve the model over HTTP: edit, roll back, ask; a web page at /",
+        description="Serve the model kept edited by an editor: edits and removals are journaled "
+        "in --state and replayed, bit for bit, on the next start. Writes need a bearer token.",
+    )  # fmt: skip
+    _common(v)
+    v.add_argument("--editor", required=True)
+    _boost_flag(v)
+    v.add_argument("--state", required=True, metavar="DIR", help="folder of the edit journal")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token-file", help="file holding the write token (else $MEND_TOKEN)")
+    v.add_argument("--no-auth", action="store_true", help="accept writes without a token")
     return ap
 
 
@@ -572,13 +586,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from mend.serve import Engine, Journal, check_auth, create_app, load_token, serve
+
+    token = load_token(args.token_file)
+    check_auth(token, args.no_auth)
+    journal = Journal(args.state)
+    model, tok = _load(args)
+    engine = Engine(_mend_editor(args, model, tok), journal)
+    print(f"{len(engine.seq)} edit(s) replayed from {journal.path}", flush=True)
+    serve(create_app(engine, token, args.no_auth), args.host, args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     handler = {"train": cmd_train, "eval": cmd_eval, "edit": cmd_edit, "apply": cmd_apply,
                "demo": cmd_demo, "fit-shared": cmd_fit_shared,
-               "build-shield": cmd_build_shield}[args.cmd]  # fmt: skip
+               "build-shield": cmd_build_shield, "serve": cmd_serve}[args.cmd]  # fmt: skip
     try:
         return handler(args)
     except MendError as e:

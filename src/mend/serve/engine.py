@@ -1,0 +1,232 @@
+"""The edited model behind the service: one writer at a time, and readers that never see half
+an edit.
+
+Concurrency. An edit swaps new tensors into the model one matrix at a time, and computing it
+briefly swaps the base weights back in (anchored edits take their gradient there), so a
+reader running beside it could see a mixture of weights. `RWLock` keeps that from happening
+in the plainest way: any number of readers (generate, score, list, state) run together, a
+writer (edit, remove) runs alone, and a waiting writer lets no new reader in, so a stream of
+reads cannot starve edits. An edit holds the write lock from its computation until its
+journal row is committed, so a reader sees the weights before the edit or after it, and only
+ever weights whose edits are durable.
+
+Editing goes through mend's own paths only: `EditSequence.edit` (which calls
+`MendEditor.edit`), `EditSequence.remove` and `revert_last`, and on start
+`EditSequence.restore`, which adds the journaled factors to the freshly loaded base weights in
+order, the same function that added them when they were made: the weights after a restart
+are, bit for bit, those before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from contextlib import contextmanager
+
+from mend.checkpoint import model_identity
+from mend.data.collate import encode
+from mend.errors import MendError
+from mend.models import context_length
+from mend.models.forward import greedy
+from mend.sequence import EditSequence, record_entry, record_tensors
+from mend.serve.journal import Journal
+from mend.types import EditRequest
+
+
+class RequestError(Exception):
+    """A request the service refuses with an HTTP status (404 unknown edit, 409 conflict)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer goes before readers that come later."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._waiting = 0  # writers waiting
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing and not self._waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._writing and not self._readers)
+            self._waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+def digest(checksums: dict[str, str]) -> str:
+    """One sha256 over every weight's sha256, in name order."""
+    return hashlib.sha256("".join(checksums[n] for n in sorted(checksums)).encode()).hexdigest()
+
+
+class Engine:
+    """A `MendEditor`'s model, edited through an `EditSequence` and journaled.
+
+    Args:
+        editor: a `MendEditor` just created on the freshly loaded base model.
+        journal: where accepted edits and removals are committed; its edits are replayed now.
+        swap_depth: `EditSequence`'s (how many latest edits revert by a storage swap).
+
+    Raises:
+        MendError: the journal was made on other base weights, or is corrupt.
+    """
+
+    def __init__(self, editor, journal: Journal, swap_depth: int = 1):
+        self.editor, self.journal = editor, journal
+        self.tokenizer = editor.tokenizer
+        self.lock = RWLock()
+        self.seq = EditSequence(editor, swap_depth)
+        self.max_len = context_length(editor.model)
+        self._check_base()
+        entries, factors, keys, next_id = journal.live()
+        self.seq.restore(entries, factors, keys, next_id, str(journal.path))
+
+    def _check_base(self) -> None:
+        names = [p.name for p in self.editor.params]
+        here = {
+            "model": model_identity(self.editor.model, names),
+            "base_sha256": digest(self.seq.checksums()["base"]),
+        }
+        saved = self.journal.meta("base")
+        if saved is None:
+            self.journal.set_meta("base", here)
+        elif saved["base_sha256"] != here["base_sha256"]:
+            raise MendError(
+                f"{self.journal.path} holds edits of other weights ({saved['model']['name']}, "
+                f"{len(saved['model']['params'])} edited matrices): start it on that base model"
+            )
+
+    # -- checks made before any lock is taken: bad input costs nothing and changes nothing
+
+    def check_edit(self, requests: list[EditRequest]) -> None:
+        """Raise MendError for a request mend cannot edit (empty or too long, a target that
+        tokenises to nothing), naming the request."""
+        for i, r in enumerate(requests):
+            where = f"request {i}" if len(requests) > 1 else "the request"
+            try:
+                encode(self.tokenizer, r.prompt, r.target, self.max_len)
+                for p in r.rephrases:
+                    encode(self.tokenizer, p, r.target, self.max_len)
+            except MendError as e:
+                raise MendError(f"{where}: {e}") from None
+
+    def check_prompt(self, prompt: str, max_new_tokens: int) -> None:
+        """Raise MendError for a prompt that cannot be continued by `max_new_tokens` tokens."""
+        room = self.max_len - max_new_tokens
+        ids, _ = encode(self.tokenizer, prompt, None, self.max_len)
+        if len(ids) > room:
+            raise MendError(
+                f"prompt of {len(ids)} tokens plus {max_new_tokens} new ones is longer than "
+                f"the model's context of {self.max_len}"
+            )
+
+    # -- readers
+
+    def generate(self, prompt: str, max_new_tokens: int) -> str:
+        self.check_prompt(prompt, max_new_tokens)
+        with self.lock.read():
+            return greedy(self.editor.model, self.tokenizer, prompt, max_new_tokens)
+
+    def score(self, requests: list[EditRequest]) -> list[bool]:
+        """Whether the model answers each prompt with its target (every target token the
+        argmax after the prompt)."""
+        self.check_edit(requests)
+        with self.lock.read():
+            return self.editor.holds(requests)
+
+    def edits(self) -> list[dict]:
+        with self.lock.read():
+            return [record_entry(r) for r in self.seq.records]
+
+    def edit_by_id(self, edit_id: int) -> dict:
+        with self.lock.read():
+            for r in self.seq.records:
+                if r.id == edit_id:
+                    return record_entry(r)
+        raise RequestError(404, f"no edit {edit_id}: it was never made or was removed")
+
+    def state(self) -> dict:
+        """The number of edits applied and checksums of the edited weights."""
+        with self.lock.read():
+            sums = self.seq.checksums()
+            ids = [r.id for r in self.seq.records]
+        return {
+            "edits": len(ids),
+            "ids": ids,
+            "weights_sha256": digest(sums["edited"]),
+            "base_sha256": digest(sums["base"]),
+            "weights": sums["edited"],
+        }
+
+    # -- writers
+
+    def edit(self, requests: list[EditRequest], compare: bool = False) -> dict:
+        """Make one edit of all `requests`, journal it, and describe it.
+
+        With `compare`, the greedy answers to every prompt and paraphrase before and after
+        (taken inside the write lock, so no other edit comes between them).
+        """
+        self.check_edit(requests)
+        prompts = [p for r in requests for p in (r.prompt, *r.rephrases)]
+        with self.lock.write():
+            before = self._answers(prompts) if compare else None
+            result = self.seq.edit(requests)
+            record = self.seq.records[-1]
+            try:
+                self.journal.add_edit(record_entry(record), *record_tensors(record))
+            except BaseException:
+                self.seq.revert_last(1)  # not durable, so not applied
+                raise
+            after = self._answers(prompts) if compare else None
+            holds = self.editor.holds(requests)
+        out = record_entry(record) | {"seconds": result.seconds, "holds": holds}
+        if compare:
+            out["answers"] = [
+                {"prompt": p, "before": b, "after": a}
+                for p, b, a in zip(prompts, before, after, strict=True)
+            ]
+        return out
+
+    def remove(self, edit_id: int) -> dict:
+        """Undo edit `edit_id`, keeping the edits made after it (`EditSequence.remove`)."""
+        with self.lock.write():
+            ids = [r.id for r in self.seq.records]
+            if edit_id not in ids:
+                raise RequestError(404, f"no edit {edit_id}: it was never made or was removed")
+            if self.editor.aggregate == "ls" and edit_id != ids[-1]:
+                raise RequestError(
+                    409,
+                    f"edit {edit_id} is not the last: this editor solves each edit holding the "
+                    "earlier edits' keys, so the later ones would keep changes made for it; "
+                    "remove the edits after it first",
+                )
+            self.journal.add_removal(edit_id)
+            self.seq.remove(edit_id)
+            return {"removed": edit_id, "edits": len(self.seq)}
+
+    def _answers(self, prompts: list[str]) -> list[str]:
+        return [greedy(self.editor.model, self.tokenizer, p) for p in prompts]
