@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import fact_requests, tiny_model
+from conftest import fact_requests, tiny_mend, tiny_model
 
 from mend.config import EditorConfig
 from mend.edit import MendEditor
@@ -939,3 +939,23 @@ def test_adapted_statistics_take_in_each_edit_tokens_and_only_then(tokenizer):
         counts[adapt] = [int((n.count - b).sum()) for n, b in zip(norms, before, strict=True)]
     assert counts[False] == [0] * len(counts[False])
     assert sum(counts[True]) == sum(tokens.values())  # every edited token of every matrix
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "ls"])
+def test_a_large_batched_edit_captured_in_parts_equals_one_capture(
+    tokenizer, monkeypatch, aggregate
+):
+    """Gradients of a many-request edit are captured a few rows at a time (bounded memory);
+    each row's gradient depends on its own loss only, so the change is the same."""
+    import mend.edit
+
+    reqs = fact_requests(7)
+    changes = {}
+    for rows in (100, 3):
+        monkeypatch.setattr(mend.edit, "CAPTURE_ROWS", rows)
+        editor = tiny_mend(tokenizer, aggregate=aggregate)
+        result = editor.edit(reqs)
+        changes[rows] = {n: d.clone() for n, d in result.deltas.items()}
+        result.revert()
+    for name, whole in changes[100].items():
+        torch.testing.assert_close(changes[3][name], whole, rtol=1e-4, atol=1e-6)

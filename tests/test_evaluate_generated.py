@@ -208,3 +208,17 @@ def test_eval_cli_reports_perplexity_or_says_it_was_not_measured(tokenizer, tmp_
     assert json.loads((tmp_path / "off.json").read_text())["ppl_before"] is None
     assert "not measured" in capsys.readouterr().out
     assert main([*argv, str(tmp_path / "bad.json"), "--ppl-windows", "-1"]) == 2
+
+
+def test_scoring_in_parts_gives_the_scores_of_one_pass(tokenizer, monkeypatch):
+    """Probes are scored a few rows per forward pass (the logits of every probe of many
+    edits would not fit in memory); the scores do not depend on the split."""
+    model = tiny_model("gpt2", len(tokenizer))
+    reqs = fact_requests(5)
+    whole = score(model, tokenizer, reqs)
+    monkeypatch.setattr(importlib.import_module("mend.evaluate"), "SCORE_ROWS", 2)
+    parts = score(model, tokenizer, reqs, base=whole)
+    assert torch.equal(parts["argmax"], whole["argmax"])
+    assert parts["metrics"]["rewrite_acc"] == whole["metrics"]["rewrite_acc"]
+    assert parts["metrics"]["efficacy_score"] == whole["metrics"]["efficacy_score"]
+    assert all(v == 1.0 for v in parts["metrics"]["locality_acc"])  # nothing changed

@@ -30,11 +30,12 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from mend.data.collate import make_batch
+from mend.data.collate import IGNORE, make_batch
 from mend.data.sources import resolve_data
 from mend.data.text import read_text, token_windows
 from mend.errors import MendError
-from mend.metrics import all_correct, argmax_unchanged, mean_logprob, starts_with_word
+from mend.losses import row_mean, token_nll
+from mend.metrics import rows_all, starts_with_word
 from mend.models import context_length
 from mend.models.forward import scored_logits
 from mend.result import EditResult
@@ -50,6 +51,7 @@ class EditMethod(Protocol):
 REWRITE, REPHRASE, LOCALITY, OTHER = "rewrite_acc", "rephrase_acc", "locality_acc", "other"
 GENERATED = {REWRITE: "rewrite_gen", REPHRASE: "rephrase_gen", LOCALITY: "locality_gen"}
 GEN_CHUNK = 64  # probe rows decoded together
+SCORE_ROWS = 256  # probe rows scored per forward pass
 log = logging.getLogger(__name__)
 
 
@@ -137,19 +139,34 @@ def _generated(tokenizer, batch, kinds, continuations, base=None) -> dict[int, b
     return out
 
 
+@torch.no_grad()
+def _predictions(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """At every scored position of batch: the argmax token (P,) and the label's
+    log-probability (P,), 0 where the label is unknown. SCORE_ROWS rows per forward pass:
+    the full logits of every probe of 1,000 CounterFact edits would take gigabytes."""
+    top, logp = [], []
+    for start in range(0, len(batch), SCORE_ROWS):
+        part = batch.select(list(range(start, min(start + SCORE_ROWS, len(batch)))))
+        logits = scored_logits(model, part)
+        top.append(logits.argmax(-1))
+        logp.append(-token_nll(logits, part.labels[part.pos_mask]))
+    return torch.cat(top), torch.cat(logp)
+
+
 def _score(
-    logits, batch, kinds, owners, comparisons, base_logits=None, generated=None
+    top, logp, batch, kinds, owners, comparisons, base_top=None, generated=None
 ) -> list[dict]:
-    """Per request, per-metric lists of 0/1 outcomes for one forward pass of the probe batch
-    (and, in `generated`, the generated test of each decoded row)."""
+    """Per request, per-metric lists of 0/1 outcomes from the probe batch's predictions
+    (`_predictions`: argmax and label log-probability per scored position; `base_top`, the
+    unedited argmax) and, in `generated`, the generated test of each decoded row."""
     rows = batch.pos_row
     labels = batch.labels[batch.pos_mask]
     n = len(batch)
-    correct = all_correct(logits, labels, rows, n).tolist()
-    logp = mean_logprob(logits, labels, rows, n).tolist()
+    correct = rows_all((top == labels) | (labels == IGNORE), rows, n).tolist()
+    logp = row_mean(logp, rows, labels != IGNORE, n)[0].tolist()
     unchanged = [True] * n
-    if base_logits is not None:
-        unchanged = argmax_unchanged(base_logits, logits, rows, n).tolist()
+    if base_top is not None:
+        unchanged = rows_all(base_top == top, rows, n).tolist()
     out = [defaultdict(list) for _ in range(max(owners, default=-1) + 1)]
     for r, kind in enumerate(kinds):
         if kind in (REWRITE, REPHRASE):
@@ -176,25 +193,24 @@ def score(model, tokenizer, requests: list[EditRequest], base: dict | None = Non
 
     Returns:
         {"metrics": {metric: [0/1 per probe]}, "per_request": the same for each request,
-         "logits": the probe logits and "continuations": the greedy continuations (for a
+         "argmax": the probes' argmax tokens and "continuations": the greedy continuations (for a
          later `base`)}.
     """
     pairs, kinds, owners, comparisons = _probe_rows(requests)
     device = next(model.parameters()).device
     batch = make_batch(tokenizer, pairs, max_len=context_length(model)).to(device)
-    with torch.no_grad():
-        logits = scored_logits(model, batch)
+    top, logp = _predictions(model, batch)
     continuations = _greedy_rows(model, tokenizer, batch,
                                  [r for r, k in enumerate(kinds) if k in GENERATED])  # fmt: skip
-    base_logits = base["logits"] if base is not None else None
+    base_top = base["argmax"] if base is not None else None
     base_gen = base.get("continuations") if base is not None else None
     generated = _generated(tokenizer, batch, kinds, continuations, base_gen)
-    per_request = _score(logits, batch, kinds, owners, comparisons, base_logits, generated)
+    per_request = _score(top, logp, batch, kinds, owners, comparisons, base_top, generated)
     metrics = defaultdict(list)
     for outcomes in per_request:
         for k, v in outcomes.items():
             metrics[k].extend(v)
-    return {"metrics": metrics, "per_request": per_request, "logits": logits,
+    return {"metrics": metrics, "per_request": per_request, "argmax": top,
             "continuations": continuations}  # fmt: skip
 
 

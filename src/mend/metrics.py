@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from mend.data.collate import IGNORE
-from mend.losses import row_mean, token_nll
 
 
 def rows_all(flags: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -29,12 +28,6 @@ def all_correct(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, 
 def argmax_unchanged(base_logits: torch.Tensor, edited_logits: torch.Tensor, rows, n_rows: int):
     """(n_rows,) bool: the edit left every scored prediction of the row unchanged."""
     return rows_all(base_logits.argmax(-1) == edited_logits.argmax(-1), rows, n_rows)
-
-
-def mean_logprob(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_rows: int):
-    """(n_rows,) mean log-probability of each row's target tokens (ROME's comparison unit)."""
-    means, _ = row_mean(-token_nll(logits, labels), rows, labels != IGNORE, n_rows)
-    return means
 
 
 def starts_with_word(text: str, target: str) -> bool:
