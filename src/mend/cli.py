@@ -240,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--token-file", help="file holding the write token (else $MEND_TOKEN)")
     v.add_argument("--no-auth", action="store_true", help="accept writes without a token")
+    v.add_argument("--workers", type=int, default=1,
+                   help="generate and score calls run at once (default 1; more wait their turn)")  # fmt: skip
     return ap
 
 
@@ -593,7 +595,7 @@ def cmd_serve(args) -> int:
     check_auth(token, args.no_auth)
     journal = Journal(args.state)
     model, tok = _load(args)
-    engine = Engine(_mend_editor(args, model, tok), journal)
+    engine = Engine(_mend_editor(args, model, tok), journal, workers=args.workers)
     print(f"{len(engine.seq)} edit(s) replayed from {journal.path}", flush=True)
     serve(create_app(engine, token, args.no_auth), args.host, args.port)
     return 0

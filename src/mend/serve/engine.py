@@ -10,6 +10,11 @@ reads cannot starve edits. An edit holds the write lock from its computation unt
 journal row is committed, so a reader sees the weights before the edit or after it, and only
 ever weights whose edits are durable.
 
+Readers also take one of `workers` slots before the lock: on a CPU, dozens of generations at
+once run no faster in total than a few (they share the same cores, and their Python halves the
+same interpreter lock), and each would finish late; a slot is taken before the read lock, so
+a reader waiting for one never holds a writer up.
+
 Editing goes through mend's own paths only: `EditSequence.edit` (which calls
 `MendEditor.edit`), `EditSequence.remove` and `revert_last`, and on start
 `EditSequence.restore`, which adds the journaled factors to the freshly loaded base weights in
@@ -90,15 +95,19 @@ class Engine:
         editor: a `MendEditor` just created on the freshly loaded base model.
         journal: where accepted edits and removals are committed; its edits are replayed now.
         swap_depth: `EditSequence`'s (how many latest edits revert by a storage swap).
+        workers: how many reads run the model at once.
 
     Raises:
         MendError: the journal was made on other base weights, or is corrupt.
     """
 
-    def __init__(self, editor, journal: Journal, swap_depth: int = 1):
+    def __init__(self, editor, journal: Journal, swap_depth: int = 1, workers: int = 1):
+        if workers < 1:
+            raise MendError(f"workers must be >= 1, got {workers}")
         self.editor, self.journal = editor, journal
         self.tokenizer = editor.tokenizer
         self.lock = RWLock()
+        self._slots = threading.Semaphore(workers)
         self.seq = EditSequence(editor, swap_depth)
         self.max_len = context_length(editor.model)
         self._check_base()
@@ -148,14 +157,14 @@ class Engine:
 
     def generate(self, prompt: str, max_new_tokens: int) -> str:
         self.check_prompt(prompt, max_new_tokens)
-        with self.lock.read():
+        with self._slots, self.lock.read():
             return greedy(self.editor.model, self.tokenizer, prompt, max_new_tokens)
 
     def score(self, requests: list[EditRequest]) -> list[bool]:
         """Whether the model answers each prompt with its target (every target token the
         argmax after the prompt)."""
         self.check_edit(requests)
-        with self.lock.read():
+        with self._slots, self.lock.read():
             return self.editor.holds(requests)
 
     def edits(self) -> list[dict]:
