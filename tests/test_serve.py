@@ -111,6 +111,10 @@ def test_an_edit_the_journal_cannot_hold_is_undone(tok, tmp_path, monkeypatch):
     with pytest.raises(sqlite3.OperationalError):
         engine.edit([fact_requests(1)[0]])
     assert len(engine.seq) == 0 and _equal(_weights(engine), base)
+    client = TestClient(create_app(engine, TOKEN), raise_server_exceptions=False)
+    r = client.post("/v1/edits", json={"requests": [_fact(0)]}, headers=AUTH)
+    assert r.status_code == 500 and "OperationalError" in r.json()["error"]
+    assert client.get("/v1/edits").json()["edits"] == [] and _equal(_weights(engine), base)
 
 
 def _big(n: int) -> str:

@@ -165,6 +165,11 @@ def create_app(engine: Engine, token: str | None, no_auth: bool = False) -> Fast
     async def refused(request: Request, exc: RequestError):
         return _error(exc.status, exc.message)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"the service failed ({type(exc).__name__}); see its log")
+
     def writer(authorization: str | None = Header(default=None)) -> None:
         if no_auth:
             return
