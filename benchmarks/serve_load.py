@@ -2,12 +2,14 @@
 
 Starts a real `mend serve` process (uvicorn, one process) on a fresh journal, runs --clients
 client threads for --seconds, each sending one request after another on its own keep-alive
-connection: an edit (share --edit-share), else a generate, a score or a list of the edits.
+connection: an edit (share --edit-share; one request, answered with the greedy answers
+before and after, as by default), else a generate (greedy), a score of three candidate
+answers or the first page of the list of edits.
 Prints and writes p50 / p99 latency per kind and overall, requests per second, and the
 errors (any exception or status other than 200 / 201), then checks that the service holds
 exactly the edits it acknowledged:
 
-    python benchmarks/serve_load.py --editor runs/serve-editor --out docs/results/serve/load.json
+    python benchmarks/serve_load.py --editor runs/demo --out docs/results/serve/load.json
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def client(port: int, seed: int, args, stop: threading.Event, out: list, acked: 
             kind, method, path = "generate", "POST", "/v1/generate"
             body = {"prompt": fact(rng)["prompt"], "max_new_tokens": args.new_tokens}
         elif x < args.edit_share + 3 * (1 - args.edit_share) / 4:
-            kind, method, path, body = "score", "POST", "/v1/score", {"requests": [fact(rng)]}
+            body = {"prompt": fact(rng)["prompt"], "answers": rng.sample(ANSWERS, 3)}
+            kind, method, path = "score", "POST", "/v1/score"
         else:
             kind, method, path, body = "list", "GET", "/v1/edits", None
         start = time.perf_counter()
@@ -89,7 +92,7 @@ def wait_up(port: int, proc, seconds: float = 600) -> None:
         if proc.poll() is not None:
             raise SystemExit(f"mend serve exited with {proc.returncode}")
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=5).read()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
             return
         except OSError:
             time.sleep(0.5)
@@ -133,7 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
             t.join()
         elapsed = time.perf_counter() - start
         conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=300)
-        held = [e["id"] for e in call(conn, "GET", "/v1/edits")[1]["edits"]]
+        held = []
+        while True:  # every page of the list
+            page = call(conn, "GET", f"/v1/edits?offset={len(held)}&limit=100")[1]["edits"]
+            held += [e["id"] for e in page]
+            if len(page) < 100:
+                break
     finally:
         proc.terminate()
         proc.wait(60)

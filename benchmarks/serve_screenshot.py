@@ -1,7 +1,7 @@
 """The picture of `mend serve`'s page in the README: a real server, one edit made on the page in
 headless Chromium (Debian's chromium and chromium-driver), then a screenshot:
 
-    python benchmarks/serve_screenshot.py --editor runs/serve-editor --out docs/serve.png
+    python benchmarks/serve_screenshot.py --editor runs/demo --out docs/serve.png
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def start_server(model_dir: Path, editor_dir: Path, state: Path, port: int, log:
         if proc.poll() is not None:
             raise RuntimeError(f"mend serve exited {proc.returncode}:\n{log.read_text()}")
         try:
-            get(port, "/v1/health")
+            get(port, "/healthz")
             return proc
         except OSError:
             time.sleep(0.2)

@@ -25,6 +25,18 @@ def all_correct(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, 
     return rows_all(ok, rows, n_rows)
 
 
+def row_logprobs(logits: torch.Tensor, labels: torch.Tensor, rows, n_rows: int):
+    """((n_rows,) float64 log-probability of each row's labels, the sum over its scored
+    positions (teacher-forced); (n_rows,) how many labels each row has). IGNORE adds nothing."""
+    known = labels != IGNORE
+    logp = torch.log_softmax(logits.float(), -1).gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    total = torch.zeros(n_rows, dtype=torch.float64, device=logits.device)
+    total.index_add_(0, rows, (logp * known).double())
+    count = torch.zeros(n_rows, dtype=torch.long, device=logits.device)
+    count.index_add_(0, rows, known.long())
+    return total, count
+
+
 def argmax_unchanged(base_logits: torch.Tensor, edited_logits: torch.Tensor, rows, n_rows: int):
     """(n_rows,) bool: the edit left every scored prediction of the row unchanged."""
     return rows_all(base_logits.argmax(-1) == edited_logits.argmax(-1), rows, n_rows)

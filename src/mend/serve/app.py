@@ -1,12 +1,13 @@
 """The HTTP service: a FastAPI app over an `Engine`, its web page, auth, limits and metrics.
 
-Reads (the page, generate, score, the list of edits, state, metrics) are open; writes (an
-edit, a removal) need `Authorization: Bearer <token>`, compared in constant time, unless the
-service was started with no auth. Every refusal is a JSON object {"error": message} with a
-4xx status: 401 no or wrong token, 404 unknown edit, 409 a removal this editor cannot make,
-413 too large a body, 422 a body that does not fit the schema or that mend cannot edit (an
-empty target, a target that tokenises to nothing, a prompt longer than the context).
-Nothing refused is journaled or applied.
+Reads (the page, generate, score, the list of edits, state, health, metrics, the API docs
+at /docs) are open; writes (an edit, a removal) need `Authorization: Bearer <token>`,
+compared in constant time. A service started with no token refuses every write (403) unless
+it was started with no auth, which it warns about. Every refusal is a JSON object
+{"error": message} with a 4xx status: 401 no or wrong token, 403 writes off, 404 unknown
+edit, 409 a removal this editor cannot make, 413 too large a body, 422 a body that does not
+fit the schema or that mend cannot edit (an empty target, a target that tokenises to nothing,
+a prompt longer than the context). Nothing refused is journaled or applied.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import os
 import time
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
@@ -30,10 +32,11 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from mend.errors import MendError
 from mend.serve.engine import Engine, RequestError
-from mend.serve.schema import MAX_BODY_BYTES, EditIn, GenerateIn, ScoreIn
+from mend.serve.schema import MAX_BODY_BYTES, MAX_PAGE, EditIn, GenerateIn, ScoreIn
 
 STATIC = Path(__file__).parent / "static"
 TOKEN_ENV = "MEND_TOKEN"
@@ -53,12 +56,11 @@ def load_token(token_file: str | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
-def check_auth(token: str | None, no_auth: bool) -> None:
-    """Raise MendError unless writes are guarded by a token or explicitly open."""
-    if not token and not no_auth:
-        raise MendError(
-            f"writes need a token: give --token-file FILE or set {TOKEN_ENV} (or --no-auth)"
-        )
+def write_mode(token: str | None, no_auth: bool) -> str:
+    """How writes are let in: "token", "open" (no auth) or "off" (no token given)."""
+    if no_auth:
+        return "open"
+    return "token" if token else "off"
 
 
 class BodyLimit:
@@ -118,16 +120,25 @@ def create_app(engine: Engine, token: str | None, no_auth: bool = False) -> Fast
     """The service over `engine`.
 
     Args:
-        token: the bearer token writes need.
+        token: the bearer token writes need; with none (and not `no_auth`) every write is
+            refused (logged as a warning).
         no_auth: accept writes without a token (logged as a warning).
-
-    Raises:
-        MendError: neither a token nor `no_auth`.
     """
-    check_auth(token, no_auth)
-    if no_auth:
+    writes = write_mode(token, no_auth)
+    if writes == "open":
         log.warning("serving with no auth: anyone who reaches this port can edit the model")
-    app = FastAPI(title="mend", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
+    elif writes == "off":
+        log.warning(
+            "no write token (--token-file FILE or %s): edits and roll-backs are refused",
+            TOKEN_ENV,
+        )
+    app = FastAPI(
+        title="mend serve",
+        summary="A model whose facts are edited, checked and rolled back over HTTP",
+        docs_url=None,  # served below, from swagger-ui-bundle's files: no other host
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     metrics = Metrics()
     metrics.applied.set(len(engine.seq))
@@ -171,8 +182,14 @@ def create_app(engine: Engine, token: str | None, no_auth: bool = False) -> Fast
         return _error(500, f"the service failed ({type(exc).__name__}); see its log")
 
     def writer(authorization: str | None = Header(default=None)) -> None:
-        if no_auth:
+        if writes == "open":
             return
+        if writes == "off":
+            raise HTTPException(
+                403,
+                f"this service takes no edits: it was started without a write token "
+                f"(--token-file or {TOKEN_ENV})",
+            )
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise HTTPException(401, "writes need a token: send 'Authorization: Bearer <token>'")
@@ -184,18 +201,36 @@ def create_app(engine: Engine, token: str | None, no_auth: bool = False) -> Fast
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs/files", StaticFiles(directory=swagger_ui_path), name="docs-files")
 
-    @app.get("/v1/health")
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="mend serve: API",
+            swagger_js_url="/docs/files/swagger-ui-bundle.js",
+            swagger_css_url="/docs/files/swagger-ui.css",
+            swagger_favicon_url="/docs/files/favicon-32x32.png",
+        )
+
+    @app.get("/healthz")
     def health():
-        return {"ok": True, "edits": len(engine.seq), "auth": not no_auth}
+        """Liveness: the service answers; the edits applied and how writes are let in
+        ("token", "open" or "off")."""
+        return {"ok": True, "edits": len(engine.seq), "writes": writes}
 
     @app.get("/v1/state")
     def state():
         return engine.state()
 
     @app.get("/v1/edits")
-    def edits():
-        return {"edits": engine.edits()}
+    def edits(
+        offset: int = Query(0, ge=0, description="skip this many edits"),
+        limit: int = Query(50, ge=1, le=MAX_PAGE, description="at most this many"),
+    ):
+        """The edits applied, in the order they were made, one page of them."""
+        page, total = engine.edits(offset, limit)
+        return {"edits": page, "total": total, "offset": offset, "limit": limit}
 
     @app.get("/v1/edits/{edit_id}")
     def one_edit(edit_id: int):
@@ -218,14 +253,18 @@ def create_app(engine: Engine, token: str | None, no_auth: bool = False) -> Fast
 
     @app.post("/v1/generate")
     def generate(body: GenerateIn):
-        return {"prompt": body.prompt, "answer": engine.generate(body.prompt, body.max_new_tokens)}
+        answer = engine.generate(body.prompt, body.max_new_tokens, body.seed, **body.sampling())
+        return {"prompt": body.prompt, "answer": answer, "seed": body.seed}
 
     @app.post("/v1/score")
     def score(body: ScoreIn):
-        return {"holds": engine.score([f.request() for f in body.requests])}
+        """Each answer's log-probability after the prompt (natural log, summed over its
+        tokens), its number of tokens, and whether it is the greedy answer's start."""
+        return {"prompt": body.prompt, "scores": engine.score(body.prompt, body.answers)}
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", response_class=Response)
     def prometheus():
+        """Prometheus text format: edits, roll-backs, refusals, latency histograms."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -16,10 +16,21 @@ same interpreter lock), and each would finish late; a slot is taken before the r
 a reader waiting for one never holds a writer up.
 
 Editing goes through mend's own paths only: `EditSequence.edit` (which calls
-`MendEditor.edit`), `EditSequence.remove` and `revert_last`, and on start
+`MendEditor.edit`: one request is a single edit, several one batched edit, and each edit
+joins the sequence of those before it), `EditSequence.remove` and `revert_last`, and on start
 `EditSequence.restore`, which adds the journaled factors to the freshly loaded base weights in
 order, the same function that added them when they were made: the weights after a restart
 are, bit for bit, those before it.
+
+Rolling an edit back (`remove`) sets the weights to the base weights plus every other edit's
+stored factors, added in order by that same function: bit for bit the weights of a model
+that received every other edit, as it was made, in the same order (what a restart on a
+journal without the removed edit gives). With the anchored, summed editor (the default) an
+edit made while others are applied is computed on the base weights, so for any edit but the
+first this is also the model of a service that never made it (the first edit's removal keeps
+the later edits as made, where a fresh service would have checked its new first edit). A
+least-squares editor, whose later edits were solved around the earlier ones, may remove only
+its last edit (409).
 """
 
 from __future__ import annotations
@@ -28,11 +39,14 @@ import hashlib
 import threading
 from contextlib import contextmanager
 
+import torch
+
 from mend.checkpoint import model_identity
 from mend.data.collate import encode
 from mend.errors import MendError
+from mend.metrics import all_correct, row_logprobs
 from mend.models import context_length
-from mend.models.forward import greedy
+from mend.models.forward import greedy, sample, scored_logits
 from mend.sequence import EditSequence, record_entry, record_tensors
 from mend.serve.journal import Journal
 from mend.types import EditRequest
@@ -155,21 +169,46 @@ class Engine:
 
     # -- readers
 
-    def generate(self, prompt: str, max_new_tokens: int) -> str:
+    def generate(
+        self, prompt: str, max_new_tokens: int, seed: int | None = None, **sampling
+    ) -> str:
+        """The greedy continuation of `prompt`, or with a `seed` one sampled
+        (`mend.models.forward.sample`, given `sampling`'s temperature and top_p)."""
         self.check_prompt(prompt, max_new_tokens)
+        model, tok = self.editor.model, self.tokenizer
         with self._slots, self.lock.read():
-            return greedy(self.editor.model, self.tokenizer, prompt, max_new_tokens)
+            if seed is None:
+                return greedy(model, tok, prompt, max_new_tokens)
+            return sample(model, tok, prompt, max_new_tokens, seed=seed, **sampling)
 
-    def score(self, requests: list[EditRequest]) -> list[bool]:
-        """Whether the model answers each prompt with its target (every target token the
-        argmax after the prompt)."""
-        self.check_edit(requests)
-        with self._slots, self.lock.read():
-            return self.editor.holds(requests)
+    def score(self, prompt: str, answers: list[str]) -> list[dict]:
+        """Each answer's log-probability after `prompt` (teacher-forced, natural log, its
+        tokens summed), its number of tokens, and whether every one of them is the argmax."""
+        for i, a in enumerate(answers):
+            try:
+                encode(self.tokenizer, prompt, a, self.max_len)
+            except MendError as e:
+                raise MendError(f"answer {i}: {e}") from None
+        with self._slots, self.lock.read(), torch.no_grad():
+            batch = self.editor.batch([(prompt, a) for a in answers])
+            logits = scored_logits(self.editor.model, batch)
+        labels, rows = batch.labels[batch.pos_mask], batch.pos_row
+        logprob, tokens = row_logprobs(logits, labels, rows, len(batch))
+        argmax = all_correct(logits, labels, rows, len(batch))
+        return [
+            {"answer": a, "logprob": lp, "tokens": n, "argmax": ok}
+            for a, lp, n, ok in zip(
+                answers, logprob.tolist(), tokens.tolist(), argmax.tolist(), strict=True
+            )
+        ]
 
-    def edits(self) -> list[dict]:
+    def edits(self, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
+        """(the edits applied from the `offset`-th on, at most `limit` of them, in the order
+        they were made; how many are applied in all)."""
         with self.lock.read():
-            return [record_entry(r) for r in self.seq.records]
+            records = self.seq.records
+            end = None if limit is None else offset + limit
+            return [record_entry(r) for r in records[offset:end]], len(records)
 
     def edit_by_id(self, edit_id: int) -> dict:
         with self.lock.read():
@@ -193,14 +232,16 @@ class Engine:
 
     # -- writers
 
-    def edit(self, requests: list[EditRequest], compare: bool = False) -> dict:
-        """Make one edit of all `requests`, journal it, and describe it.
-
-        With `compare`, the greedy answers to every prompt and paraphrase before and after
-        (taken inside the write lock, so no other edit comes between them).
+    def edit(self, requests: list[EditRequest], compare: bool = True) -> dict:
+        """Make one edit of all `requests` (`EditSequence.edit`: a batched edit when there are
+        several), journal it, and describe it: its entry, `holds` (each request's target the
+        argmax after its prompt now) and `answers`, for every prompt and paraphrase, whether
+        its target is now reached that way and, with `compare`, the greedy answers before and
+        after (all taken inside the write lock, so no other edit comes between them).
         """
         self.check_edit(requests)
-        prompts = [p for r in requests for p in (r.prompt, *r.rephrases)]
+        asked = [(p, r.target) for r in requests for p in (r.prompt, *r.rephrases)]
+        prompts = [p for p, _ in asked]
         with self.lock.write():
             before = self._answers(prompts) if compare else None
             result = self.seq.edit(requests)
@@ -211,14 +252,21 @@ class Engine:
                 self.seq.revert_last(1)  # not durable, so not applied
                 raise
             after = self._answers(prompts) if compare else None
-            holds = self.editor.holds(requests)
-        out = record_entry(record) | {"seconds": result.seconds, "holds": holds}
+            reached = self.editor.holds([EditRequest(p, t) for p, t in asked])
+        answers = [
+            {"prompt": p, "target": t, "reached": ok}
+            for (p, t), ok in zip(asked, reached, strict=True)
+        ]
         if compare:
-            out["answers"] = [
-                {"prompt": p, "before": b, "after": a}
-                for p, b, a in zip(prompts, before, after, strict=True)
-            ]
-        return out
+            for a, b, c in zip(answers, before, after, strict=True):
+                a |= {"before": b, "after": c}
+        firsts = [sum(1 + len(r.rephrases) for r in requests[:i]) for i in range(len(requests))]
+        holds = [reached[i] for i in firsts]
+        return record_entry(record) | {
+            "seconds": result.seconds,
+            "holds": holds,
+            "answers": answers,
+        }
 
     def remove(self, edit_id: int) -> dict:
         """Undo edit `edit_id`, keeping the edits made after it (`EditSequence.remove`)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from mend.types import EditRequest
 
@@ -13,6 +13,8 @@ MAX_PROMPT_CHARS = 2000  # a prompt, paraphrase or target, in characters (422 ab
 MAX_REQUESTS = 32  # requests in one edit or one score call
 MAX_REPHRASES = 8  # paraphrases of one request
 MAX_NEW_TOKENS = 64  # tokens one generate call may ask for
+MAX_ANSWERS = 32  # candidate answers one score call may weigh
+MAX_PAGE = 100  # edits one page of GET /v1/edits may hold
 # Prompts are also held to the model's context (in tokens) by mend's own tokenisation.
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
@@ -34,16 +36,37 @@ class Fact(Strict):
 
 
 class EditIn(Strict):
-    """One edit of every request together."""
+    """One edit of every request together (one request: a single edit; several: a batched
+    edit, made and rolled back as one)."""
 
     requests: list[Fact] = Field(min_length=1, max_length=MAX_REQUESTS)
-    compare: bool = False  # answer every prompt and paraphrase before and after
+    compare: bool = Field(
+        default=True, description="answer every prompt and paraphrase greedily before and after"
+    )
 
 
 class ScoreIn(Strict):
-    requests: list[Fact] = Field(min_length=1, max_length=MAX_REQUESTS)
+    """Candidate answers to weigh after one prompt."""
+
+    prompt: Text
+    answers: list[Text] = Field(min_length=1, max_length=MAX_ANSWERS)
 
 
 class GenerateIn(Strict):
+    """A continuation: greedy, or sampled when a seed is given (the same seed, the same text
+    on the same weights)."""
+
     prompt: Text
     max_new_tokens: int = Field(default=8, ge=1, le=MAX_NEW_TOKENS)
+    seed: int | None = Field(default=None, ge=0, lt=2**63, description="sample with this seed")
+    temperature: float = Field(default=1.0, gt=0, le=10)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _sampled_with_a_seed(self):
+        if self.seed is None and {"temperature", "top_p"} & self.model_fields_set:
+            raise ValueError("temperature and top_p choose how to sample: give a seed too")
+        return self
+
+    def sampling(self) -> dict:
+        return {} if self.seed is None else {"temperature": self.temperature, "top_p": self.top_p}

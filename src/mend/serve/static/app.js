@@ -59,15 +59,26 @@ function showCompare(answers) {
     cell(row, a.prompt);
     cell(row, a.before, "before");
     cell(row, a.after, "after");
+    cell(row, a.reached ? "yes" : "no", a.reached ? "reached yes" : "reached no");
     body.appendChild(row);
   }
   $("compare").hidden = false;
 }
 
+const WRITES = {
+  token: "; edits need the token",
+  open: "; no token needed",
+  off: "; this service takes no edits (started without a token)",
+};
+const PAGE = 100;
+
 async function refresh() {
-  const [{ edits }, health] = await Promise.all([api("GET", "/v1/edits"), api("GET", "/v1/health")]);
-  $("status").textContent =
-    `${edits.length} edit(s) applied` + (health.auth ? "; edits need the token" : "; no token needed");
+  const [{ edits, total }, health] = await Promise.all([
+    api("GET", `/v1/edits?limit=${PAGE}`), api("GET", "/healthz"),
+  ]);
+  $("status").textContent = `${total} edit(s) applied` + (WRITES[health.writes] || "");
+  $("more-edits").hidden = total <= edits.length;
+  $("more-edits").textContent = `the first ${edits.length} of ${total} shown`;
   const list = $("edits");
   list.replaceChildren();
   $("no-edits").hidden = edits.length > 0;
