@@ -41,6 +41,11 @@ def test_an_edit_made_on_the_page_changes_the_answer_and_rolls_back(tokenizer, t
     wait = WebDriverWait(driver, 60)
     find = lambda css: driver.find_element(By.CSS_SELECTOR, css)  # noqa: E731
 
+    def resources() -> list[str]:
+        return driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+
     def ask() -> str:
         driver.execute_script("document.getElementById('ask-answer').textContent = ''")
         find("#ask-button").click()
@@ -50,6 +55,8 @@ def test_an_edit_made_on_the_page_changes_the_answer_and_rolls_back(tokenizer, t
     try:
         driver.get(f"http://127.0.0.1:{port}/")
         wait.until(lambda d: "edit(s) applied" in find("#status").text)
+        here = f"http://127.0.0.1:{port}/"
+        assert resources() and all(u.startswith(here) for u in resources())  # no other host
         find("#ask-prompt").send_keys(fact.prompt)
         before = ask()
 
@@ -74,6 +81,7 @@ def test_an_edit_made_on_the_page_changes_the_answer_and_rolls_back(tokenizer, t
         shown_after = rows[0].find_element(By.CSS_SELECTOR, ".after").get_attribute("textContent")
         assert shown_before == before
         assert shown_after.startswith(" " + fact.target) and shown_after != before
+        assert rows[0].find_element(By.CSS_SELECTOR, ".reached").text == "yes"
         assert ask() == shown_after  # the model answers with the new fact
         assert f"{fact.prompt} → {fact.target}" in find("#edits li").text
 
@@ -81,6 +89,12 @@ def test_an_edit_made_on_the_page_changes_the_answer_and_rolls_back(tokenizer, t
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#edits li"))
         assert ask() == before  # rolled back
         assert "0 edit(s) applied" in find("#status").text
+
+        driver.get(f"http://127.0.0.1:{port}/docs")  # the API docs render from local files
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+        paths = {e.text for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/v1/edits", "/v1/generate", "/v1/score", "/healthz"} <= paths
+        assert resources() and all(u.startswith(here) for u in resources())
     finally:
         driver.quit()
         proc.kill()

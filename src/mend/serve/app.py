@@ -211,6 +211,7 @@ def create_app(engine: Engine, token: str | None, no_auth: bool = False) -> Fast
             swagger_js_url="/docs/files/swagger-ui-bundle.js",
             swagger_css_url="/docs/files/swagger-ui.css",
             swagger_favicon_url="/docs/files/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},  # (no call to swagger.io's validator)
         )
 
     @app.get("/healthz")
