@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -32,13 +33,14 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from swagger_ui_bundle import swagger_ui_path
 
 from mend.errors import MendError
 from mend.serve.engine import Engine, RequestError
 from mend.serve.schema import MAX_BODY_BYTES, MAX_PAGE, EditIn, GenerateIn, ScoreIn
 
 STATIC = Path(__file__).parent / "static"
+# Swagger UI's own files (swagger-ui-dist 5, which reads OpenAPI 3.1), as fastapi-offline ships them
+DOCS_FILES = Path(fastapi_offline.__file__).parent / "static"
 TOKEN_ENV = "MEND_TOKEN"
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ def create_app(engine: Engine, token: str | None, no_auth: bool = False) -> Fast
     app = FastAPI(
         title="mend serve",
         summary="A model whose facts are edited, checked and rolled back over HTTP",
-        docs_url=None,  # served below, from swagger-ui-bundle's files: no other host
+        docs_url=None,  # served below, from files of its own: no other host
         redoc_url=None,
         openapi_url="/openapi.json",
     )
@@ -201,7 +203,7 @@ def create_app(engine: Engine, token: str | None, no_auth: bool = False) -> Fast
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.mount("/docs/files", StaticFiles(directory=swagger_ui_path), name="docs-files")
+    app.mount("/docs/files", StaticFiles(directory=DOCS_FILES), name="docs-files")
 
     @app.get("/docs", include_in_schema=False)
     def docs():
@@ -210,7 +212,7 @@ def create_app(engine: Engine, token: str | None, no_auth: bool = False) -> Fast
             title="mend serve: API",
             swagger_js_url="/docs/files/swagger-ui-bundle.js",
             swagger_css_url="/docs/files/swagger-ui.css",
-            swagger_favicon_url="/docs/files/favicon-32x32.png",
+            swagger_favicon_url="/docs/files/favicon.png",
             swagger_ui_parameters={"validatorUrl": None},  # (no call to swagger.io's validator)
         )
 
