@@ -5,12 +5,14 @@ model's gradients on n facts must at least spend.
     python benchmarks/mass_edit_time.py --editor runs/mass --sizes 100 1000 --threads 1
 
 Prints, per size: the edit's seconds, the no-grad forward pass's seconds (64 rows per pass,
-as an edit captures them), and their ratio; each timed twice, interleaved, the faster kept.
+as an edit captures them), and their ratio; each timed twice, interleaved, the faster kept;
+then the process's peak resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
@@ -54,6 +56,8 @@ def main(argv=None) -> None:
             result.revert()
         e, f = min(edit), min(forward)
         print(f"{n:5d} {e:7.1f} {f:10.1f} {e / f:6.1f}", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # (KB on Linux)
+    print(f"process peak resident memory: {peak:.1f} GB")
 
 
 if __name__ == "__main__":
