@@ -455,6 +455,7 @@ def main(argv=None) -> None:
         type=float,
         help="memit: weight of ordinary text's key covariance (default 15000)",
     )
+    ap.add_argument("--stats-text", help="rome / memit / alphaedit: text of the key covariance")
     ap.add_argument("--loc-data", help="ft-kl: text for locality inputs (default wikitext-valid)")
     ap.add_argument("--sum-editor", help="mend-sum: the editor (default: --editor)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])

@@ -135,8 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         help="rome / memit / alphaedit: the blocks whose MLP output matrix is edited (default: "
         "MEMIT's GPT-J window, blocks 3-8 of 28, scaled to the model; ROME its last block)",
     )  # fmt: skip
-    e.add_argument("--mom2-weight", type=float, default=15000.0,
-                   help="memit: weight of ordinary text's key covariance (MEMIT's GPT-J value)")  # fmt: skip
+    e.add_argument("--mom2-weight", type=float, default=None,
+                   help="memit: weight of ordinary text's key covariance (default 15000, MEMIT's "
+                   "GPT-J value; 150 chose best on SmolLM2-135M's training edits)")  # fmt: skip
+    e.add_argument("--stats-text", default=None, metavar="TEXT",
+                   help="rome / memit / alphaedit: the text (a data set name or a file) whose "
+                   "keys' covariance is held (default wikitext-valid; cached per model and matrix)")  # fmt: skip
     e.add_argument("--data", required=True)
     e.add_argument("--limit", type=int, default=None)
     e.add_argument(

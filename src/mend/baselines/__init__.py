@@ -38,8 +38,8 @@ def _ls(model, tokenizer, ls_lr: float = 0.003, preserve: float = 0.0,
 
 def _locate(method: str):
     def build(model, tokenizer, layers=None, mom2_weight: float | None = None,
-              null_space: float | None = None, **_):  # fmt: skip
-        given = {"mom2_weight": mom2_weight, "null_space": null_space}
+              null_space: float | None = None, stats_text: str | None = None, **_):  # fmt: skip
+        given = {"mom2_weight": mom2_weight, "null_space": null_space, "text": stats_text}
         config = LocateConfig.published(
             method, tuple(layers) if layers else default_layers(model, method),
             **{k: v for k, v in given.items() if v is not None},
@@ -62,7 +62,7 @@ BASELINES: dict[str, Callable] = {
 
 # every option some baseline builder reads (`mend eval` and compare.py flags of these names)
 OPTIONS = ("ft_lr", "ft_steps", "grad_lr", "ls_lr", "preserve", "null_space", "loc_data",
-           "layers", "mom2_weight")  # fmt: skip
+           "layers", "mom2_weight", "stats_text")  # fmt: skip
 
 
 def make_baseline(name: str, model, tokenizer, **options):
