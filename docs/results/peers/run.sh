@@ -18,3 +18,5 @@ python benchmarks/compare.py --threads 1 --setting mass --sizes 100 --methods me
 # 3. AlphaEdit in sequence: 30 edits in batches of 10, all re-scored after each batch
 python benchmarks/compare.py --threads 1 --setting lifelong --batch-sizes 10 --methods alphaedit \
   --layers 8 9 10 11 12 --mom2-weight 150 --data counterfact-val --limit 30 --every 10 --out $R/lifelong
+# 4. zsRE: ROME's single edits on the first 30 eval records
+mend eval --threads 1 --method rome --layers 12 --data zsre-eval --limit 30 --out $R/zsre-rome.json > $R/zsre-rome.txt
