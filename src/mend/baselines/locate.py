@@ -311,9 +311,8 @@ class LocateEditor:
     def _memit(self, requests: list[EditRequest]):
         """The window's changes, lowest block first, each applied before the next block's
         keys are read; all taken back at the end and returned as factors."""
-        delta, _ = self.target_deltas(requests)
-        _, z0 = self.keys_and_outputs(requests)
-        z = z0 + delta
+        delta, h = self.target_deltas(requests)
+        z = h + delta  # (h: block L's output there, unedited: what the first block sees)
         updates, used_keys, applied = {}, {}, []
         try:
             for left, p in zip(range(len(self.params), 0, -1), self.params, strict=True):
