@@ -7,7 +7,13 @@ import random
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from mend.types import EditRequest, Probe
 
@@ -62,16 +68,68 @@ TINY = {
     "gpt_neo": dict(hidden_size=32, num_layers=4, num_heads=4, max_position_embeddings=64,
                     attention_types=[[["global", "local"], 2]], window_size=16),
 }  # fmt: skip
-FAMILIES = list(TINY)
+FAMILIES = list(TINY)  # the decoder-only families
+
+# Encoder-decoder and classifier families; the tokenizer's ids: <pad> 0, <eos> 1. A T5 decoder
+# starts from <pad>, a BART decoder from its end-of-sequence token (as the released models do).
+_T5 = dict(
+    d_model=32,
+    d_ff=48,
+    num_layers=3,
+    num_decoder_layers=3,
+    num_heads=4,
+    d_kv=8,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+_BERT = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+TINY_OTHER = {
+    "t5": ("t5", _T5),
+    "t5-gated": ("t5", _T5 | {"feed_forward_proj": "gated-gelu"}),  # Flan-T5's MLP
+    "mt5": ("mt5", _T5),
+    "bart": ("bart", dict(d_model=32, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                          max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=1, decoder_start_token_id=1, forced_bos_token_id=None)),
+    "bert": ("bert", _BERT),
+    "roberta": ("roberta", _BERT | {"max_position_embeddings": 66}),  # positions start at 2
+    "distilbert": ("distilbert", dict(dim=32, hidden_dim=48, n_layers=4, n_heads=4,
+                                      max_position_embeddings=64, pad_token_id=0)),
+}  # fmt: skip
+SEQ2SEQ_FAMILIES = ["t5", "t5-gated", "mt5", "bart"]
+CLASSIFIER_FAMILIES = ["bert", "roberta", "distilbert"]
+# A tiny classifier's labels: the objects of the toy facts, so `fact_requests` serve every kind.
+LABELS = dict(enumerate(OBJECTS))
 
 
 def tiny_model(model_type: str, vocab_size: int, seed: int = 0):
+    """A tiny random model: a family of TINY (causal LM) or of TINY_OTHER (seq2seq LM or
+    classifier, named as there, e.g. "t5-gated")."""
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, **TINY[model_type])
-    for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout"):
+    if model_type in TINY:
+        cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, **TINY[model_type])
+        auto = AutoModelForCausalLM
+    else:
+        family, kw = TINY_OTHER[model_type]
+        cfg = AutoConfig.for_model(family, vocab_size=vocab_size, **kw)
+        auto = AutoModelForSeq2SeqLM
+        if model_type in CLASSIFIER_FAMILIES:
+            cfg.id2label, cfg.label2id = LABELS, {v: k for k, v in LABELS.items()}
+            auto = AutoModelForSequenceClassification
+    for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout",
+                "dropout", "dropout_rate", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                "activation_dropout", "seq_classif_dropout", "classifier_dropout"):  # fmt: skip
         if hasattr(cfg, key):
             setattr(cfg, key, 0.0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = auto.from_config(cfg).eval()
     model.config.name_or_path = f"tiny-{model_type}"
     return model
 
@@ -118,4 +176,16 @@ def tokenizer():
 
 @pytest.fixture(params=FAMILIES)
 def family_model(request, tokenizer):
+    return tiny_model(request.param, len(tokenizer))
+
+
+@pytest.fixture(params=SEQ2SEQ_FAMILIES + CLASSIFIER_FAMILIES)
+def other_model(request, tokenizer):
+    """A tiny seq2seq LM or classifier of every such family."""
+    return tiny_model(request.param, len(tokenizer))
+
+
+@pytest.fixture(params=FAMILIES + SEQ2SEQ_FAMILIES + CLASSIFIER_FAMILIES)
+def any_model(request, tokenizer):
+    """A tiny model of every supported family, of every kind."""
     return tiny_model(request.param, len(tokenizer))

@@ -265,8 +265,9 @@ def _load(args):
 def _load_data(name: str, tokenizer, model, limit: int | None = None):
     from mend.data import load_checked
     from mend.models import context_length
+    from mend.models.forward import layout
 
-    return load_checked(name, tokenizer, context_length(model), limit)
+    return load_checked(name, tokenizer, context_length(model), limit, layout(model))
 
 
 # flag -> the setting it overrides
@@ -421,9 +422,9 @@ def cmd_eval(args) -> int:
 def cmd_edit(args) -> int:
     from tqdm import tqdm
 
-    from mend.data.collate import encode
+    from mend.data.collate import encode_row
     from mend.models import context_length
-    from mend.models.forward import greedy
+    from mend.models.forward import greedy, layout
     from mend.result import save_delta
     from mend.types import EditRequest
 
@@ -452,7 +453,7 @@ def cmd_edit(args) -> int:
     if args.requests is not None:
         requests = _load_data(args.requests, tok, model)
     else:
-        encode(tok, args.prompt, args.target, context_length(model))
+        encode_row(tok, args.prompt, args.target, context_length(model), layout(model))
         requests = [EditRequest(args.prompt, args.target)]
     before = [greedy(model, tok, r.prompt, args.max_new_tokens) for r in requests]
     # edits swap new tensors in, so these references keep the unedited weights for free

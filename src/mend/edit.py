@@ -31,7 +31,7 @@ from mend.key_stats import text_key_moments
 from mend.losses import edit_loss
 from mend.metrics import all_correct, rows_all
 from mend.models import context_length
-from mend.models.forward import scored_logits
+from mend.models.forward import layout, scored_logits
 from mend.models.head import HeadArgmax
 from mend.models.params import find_editable, swapped_data
 from mend.models.upper import Prepared, UpperStack, bf16_is_fast
@@ -172,6 +172,8 @@ class MendEditor:
         if self.start != 1 and not self.boost:
             raise MendError("a start scale needs a check: give boost scales too")
         self.params = find_editable(model, net.names)
+        self._param = {p.name: p for p in self.params}
+        self.layout = layout(model)  # how this model reads a (prompt, target) pair
         if (self.preserve or null_space is not None) and self.text_moments is None:
             self.text_moments = text_key_moments(model, tokenizer, self.params)
         # {weight name: U (in, r)}, P = U U^T: depends only on C0 and the threshold
@@ -193,7 +195,7 @@ class MendEditor:
         self._stack = UpperStack(model, start) if start is not None else None
         head = model.get_output_embeddings()
         edits_head = any(p.module is head for p in self.params)  # its output carries hooks then
-        self._argmax = None if edits_head else HeadArgmax(head)
+        self._argmax = None if edits_head or self._stack is None else HeadArgmax(head)
         self.editor_bf16 = bf16_is_fast(self.device) if editor_bf16 is None else editor_bf16
 
     @classmethod
@@ -212,9 +214,14 @@ class MendEditor:
     def device(self) -> torch.device:
         return self.params[0].weight.device
 
+    def token_mask(self, batch: TokenBatch, name: str) -> torch.Tensor:
+        """(R, S) bool: the real tokens of batch that the edited weight `name` reads (a seq2seq
+        decoder's weights read the decoder's tokens, every other weight the input's)."""
+        return batch.token_mask(self._param[name].decoder)
+
     def batch(self, pairs, groups=None) -> TokenBatch:
         """Tokenise (prompt, target-or-None) pairs for this model."""
-        return make_batch(self.tokenizer, pairs, groups, self.max_len).to(self.device)
+        return make_batch(self.tokenizer, pairs, groups, self.max_len, self.layout).to(self.device)
 
     def factors(self, batch: TokenBatch, batch_size: int | None = 1, captured=None) -> Factors:
         """EditorNet-transformed gradient factors for the edit rows of `batch`.
@@ -236,7 +243,7 @@ class MendEditor:
         for name, (u, delta) in captured.items():
             # Tokens that carry no gradient (padding, the last target token) are dropped:
             # the editor's shift would otherwise turn their zeros into a spurious update.
-            mask = batch.attention_mask.bool() & (delta != 0).any(-1)  # (R, S)
+            mask = self.token_mask(batch, name) & (delta != 0).any(-1)  # (R, S)
             flat[name] = (u[mask], delta[mask])
             masks[name] = mask
         low = torch.bfloat16 if self.editor_bf16 and not torch.is_grad_enabled() else None
@@ -329,12 +336,13 @@ class MendEditor:
         SmolLM2-135M otherwise holds over 20 GB. Its upper blocks' inputs are not kept
         (None: a check recomputes them)."""
         if len(batch) > CAPTURE_ROWS:
-            width, parts = batch.input_ids.shape[1], []
+            parts = []
             for start in range(0, len(batch), CAPTURE_ROWS):
                 part = batch.select(list(range(start, min(start + CAPTURE_ROWS, len(batch)))))
                 captured, _ = self._capture(part)
+                width = {n: self.token_mask(batch, n).shape[1] for n in captured}
                 parts.append(
-                    {n: tuple(_pad_to(t, width) for t in ud) for n, ud in captured.items()}
+                    {n: tuple(_pad_to(t, width[n]) for t in ud) for n, ud in captured.items()}
                 )
             return {
                 n: tuple(torch.cat([p[n][i] for p in parts]) for i in (0, 1)) for n in parts[0]
@@ -394,12 +402,12 @@ class MendEditor:
         # (float64: the scales reported are the ones given, e.g. 0.9, not their float32)
         scale = torch.full((len(batch),), self.start, dtype=torch.float64)
 
-        u_any = next(iter(factors.values()))[0]
+        def per_slot(u: torch.Tensor) -> torch.Tensor:  # (R S, 1): S, the matrix's stack width
+            slots = scale.repeat_interleave(u.shape[1] // len(batch))[:, None]
+            return slots.to(u.device, u.dtype)
 
         def scaled() -> Factors:
-            per_slot = scale.repeat_interleave(batch.input_ids.shape[1])[:, None]  # (R S, 1)
-            per_slot = per_slot.to(u_any.device, u_any.dtype)
-            return finish({n: (u * per_slot, d) for n, (u, d) in factors.items()})
+            return finish({n: (u * per_slot(u), d) for n, (u, d) in factors.items()})
 
         current = finish(factors) if self.start == 1 else scaled()
         for s in self.boost:
@@ -454,7 +462,7 @@ class MendEditor:
         for name, (u_t, d_t) in factors.items():
             if name not in self._pending:
                 u, delta = captured[name]
-                mask = batch.attention_mask.bool() & (delta != 0).any(-1)  # the edited tokens
+                mask = self.token_mask(batch, name) & (delta != 0).any(-1)  # edited
                 keys = (u.float() * mask[..., None]).reshape(-1, u.shape[-1])  # (T, in)
                 n = int(mask.sum())
                 held = self.memory.held(name) if self.remember else None
@@ -476,7 +484,8 @@ class MendEditor:
         if self.shield is None or len(batch) != 1:
             return lambda factors: factors
         u_ref = captured[self.shield.bank.ref][0]
-        return self.shield.projector(first_scored_inputs(u_ref, batch.pos_mask))
+        mask = batch.key_mask(self._param[self.shield.bank.ref].decoder)
+        return self.shield.projector(first_scored_inputs(u_ref, mask))
 
     def edit(self, requests: list[EditRequest] | EditRequest) -> EditResult:
         """Apply one edit for all requests together (a batched edit), in place.

@@ -15,6 +15,13 @@ Locality likewise: `locality_acc`, every scored argmax of the probe unchanged by
 1 without an answer, plus 2; cut after an end-of-text token) after the edit is token for token
 the unedited model's.
 
+`locality_label_acc` is the share of locality probes with a recorded answer that the model gives
+(every answer token the argmax); `accuracy_drawdown` is its value on the unedited model minus
+with the edit (the paper's drawdown on other inputs).
+
+Every kind of model (`mend.models.archs`) is scored teacher-forced. The generated convention
+and perplexity are a causal LM's: for a seq2seq model or a classifier they are None.
+
 `ppl_before` / `ppl_after` are the perplexity of a fixed text (`ppl_text()`) on the unedited
 model and with edits applied; `ppl_change` is after / before - 1.
 """
@@ -36,10 +43,10 @@ from mend.data.text import read_text, token_windows
 from mend.errors import MendError
 from mend.losses import row_mean, token_nll
 from mend.metrics import rows_all, starts_with_word
-from mend.models import context_length
-from mend.models.forward import scored_logits
+from mend.models import context_length, kind_of
+from mend.models.forward import layout, scored_logits
 from mend.result import EditResult
-from mend.types import EditRequest
+from mend.types import CAUSAL, EditRequest
 
 
 class EditMethod(Protocol):
@@ -49,6 +56,7 @@ class EditMethod(Protocol):
 
 
 REWRITE, REPHRASE, LOCALITY, OTHER = "rewrite_acc", "rephrase_acc", "locality_acc", "other"
+LOCALITY_LABEL = "locality_label_acc"
 GENERATED = {REWRITE: "rewrite_gen", REPHRASE: "rephrase_gen", LOCALITY: "locality_gen"}
 GEN_CHUNK = 64  # probe rows decoded together
 SCORE_ROWS = 256  # probe rows scored per forward pass
@@ -164,6 +172,8 @@ def _score(
     n = len(batch)
     correct = rows_all((top == labels) | (labels == IGNORE), rows, n).tolist()
     logp = row_mean(logp, rows, labels != IGNORE, n)[0].tolist()
+    known = (torch.zeros(n, dtype=torch.long, device=rows.device)
+             .index_add_(0, rows, (labels != IGNORE).long()) > 0).tolist()  # fmt: skip
     unchanged = [True] * n
     if base_top is not None:
         unchanged = rows_all(base_top == top, rows, n).tolist()
@@ -173,6 +183,8 @@ def _score(
             out[owners[r]][kind].append(float(correct[r]))
         elif kind == LOCALITY:
             out[owners[r]][kind].append(float(unchanged[r]))
+            if known[r]:
+                out[owners[r]][LOCALITY_LABEL].append(float(correct[r]))
         if generated is not None and r in generated:
             out[owners[r]][GENERATED[kind]].append(float(generated[r]))
     for metric, win, lose in comparisons:
@@ -198,10 +210,11 @@ def score(model, tokenizer, requests: list[EditRequest], base: dict | None = Non
     """
     pairs, kinds, owners, comparisons = _probe_rows(requests)
     device = next(model.parameters()).device
-    batch = make_batch(tokenizer, pairs, max_len=context_length(model)).to(device)
+    batch = make_batch(tokenizer, pairs, max_len=context_length(model), layout=layout(model))
+    batch = batch.to(device)
     top, logp = _predictions(model, batch)
-    continuations = _greedy_rows(model, tokenizer, batch,
-                                 [r for r, k in enumerate(kinds) if k in GENERATED])  # fmt: skip
+    decoded = [r for r, k in enumerate(kinds) if k in GENERATED] if kind_of(model) == CAUSAL else []
+    continuations = _greedy_rows(model, tokenizer, batch, decoded)
     base_top = base["argmax"] if base is not None else None
     base_gen = base.get("continuations") if base is not None else None
     generated = _generated(tokenizer, batch, kinds, continuations, base_gen)
@@ -236,7 +249,9 @@ def ppl_text(name: str = "wikitext-valid") -> str | None:
 
 
 def _ppl(model, tokenizer, text: str | None, n_windows: int) -> float | None:
-    return perplexity(model, tokenizer, text, n_windows) if text and n_windows > 0 else None
+    if not text or n_windows <= 0 or kind_of(model) != CAUSAL:
+        return None
+    return perplexity(model, tokenizer, text, n_windows)
 
 
 def evaluate(
@@ -317,9 +332,12 @@ def _report(n: int, batch_size: int, post: dict, pre: dict, seconds: list[float]
     mean = statistics.fmean(seconds) if seconds else None
     before, after = ppl
     change = after / before - 1 if before is not None and after is not None else None
+    was, now = pre.get(LOCALITY_LABEL), post.get(LOCALITY_LABEL)
+    drawdown = was - now if was is not None and now is not None else None
     return (
         {"n_edits": n, "batch_size": batch_size}
         | post
+        | {"accuracy_drawdown": drawdown}
         | {"seconds_per_batch_median": median, "seconds_per_batch_mean": mean,
            "edit_seconds_median": median, "edit_seconds_mean": mean,  # older names, same values
            "ppl_before": before, "ppl_after": after, "ppl_change": change, "pre": pre}
@@ -415,8 +433,8 @@ def perplexity(model, tokenizer, text: str, n_windows: int = 8, window: int = 51
     return float(torch.tensor(nll / n).exp())
 
 
-METRICS = ["rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_score", "paraphrase_score",
-           "neighborhood_score"]  # fmt: skip
+METRICS = ["rewrite_acc", "rephrase_acc", "locality_acc", LOCALITY_LABEL, "efficacy_score",
+           "paraphrase_score", "neighborhood_score"]  # fmt: skip
 GEN_METRICS = list(GENERATED.values())  # the generated convention (module docstring)
 
 
@@ -428,6 +446,8 @@ def format_report(report: dict) -> str:
         pre, post = report["pre"].get(k), report.get(k)
         if post is not None:
             lines.append(f"{k:<{w}}{pre:>10.3f}{post:>10.3f}")
+    if report.get("accuracy_drawdown") is not None:
+        lines.append(f"{'accuracy drawdown':<{w}}{report['accuracy_drawdown']:>20.4f}")
     before, after = report.get("ppl_before"), report.get("ppl_after")
     label = "all batches" if report.get("sequential") else "1st batch"
     if before is None or after is None:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from mend.models.forward import scored_logits
+from mend.models.forward import forward_blocks, scored_logits
 from mend.models.params import EditableParam
 
 
@@ -78,25 +78,24 @@ def scored_inputs(
     model, params: list[EditableParam], batches, first: bool = False
 ) -> dict[str, torch.Tensor]:
     """{name: (rows, in) fp32}: each param's input at every scored position of every batch, in
-    order (first: only each row's first scored position, the prompt's last token); one forward
+    order (first: only each row's first scored position, the prompt's last token; a seq2seq
+    encoder's weights read each row's last input token, `TokenBatch.key_mask`); one forward
     pass of the base model (no head, no backward) per batch."""
     found: dict[str, list[torch.Tensor]] = {p.name: [] for p in params}
-    state = {"mask": None}
+    state = {"batch": None}
 
-    def make_hook(name: str):
+    def make_hook(p: EditableParam):
         def hook(module, inputs, output):
-            x, mask = inputs[0], state["mask"]
-            found[name].append((first_scored_inputs(x, mask) if first else x[mask]).float())
+            x, mask = inputs[0], state["batch"].key_mask(p.decoder)
+            found[p.name].append((first_scored_inputs(x, mask) if first else x[mask]).float())
 
         return hook
 
-    handles = [p.module.register_forward_hook(make_hook(p.name)) for p in params]
+    handles = [p.module.register_forward_hook(make_hook(p)) for p in params]
     try:
         for batch in batches:
-            state["mask"] = batch.pos_mask
-            model.base_model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            )
+            state["batch"] = batch
+            forward_blocks(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -123,35 +122,34 @@ def key_moments(model, params: list[EditableParam], batches) -> dict[str, torch.
     blocks cost only the blocks up to them.
 
     Args:
-        batches: TokenBatches; every real (non-padding) token position is one sample.
+        batches: TokenBatches; every real (non-padding) token position of the stack a
+            matrix belongs to (`TokenBatch.token_mask`) is one sample.
     """
     sums = {p.name: torch.zeros(p.in_out[0], p.in_out[0], dtype=torch.float64) for p in params}
-    state = {"mask": None, "count": 0, "seen": set()}
+    counts = dict.fromkeys(sums, 0)
+    state = {"batch": None, "seen": set()}
 
-    def make_hook(name: str):
+    def make_hook(p: EditableParam):
         def hook(module, inputs, output):
-            x = inputs[0][state["mask"]].double().cpu()  # (tokens, in)
-            sums[name] += x.T @ x
-            state["seen"].add(name)
+            mask = state["batch"].token_mask(p.decoder)
+            x = inputs[0][mask].double().cpu()  # (tokens, in)
+            sums[p.name] += x.T @ x
+            counts[p.name] += int(mask.sum())
+            state["seen"].add(p.name)
             if len(state["seen"]) == len(sums):
                 raise _Seen
 
         return hook
 
-    handles = [p.module.register_forward_hook(make_hook(p.name)) for p in params]
+    handles = [p.module.register_forward_hook(make_hook(p)) for p in params]
     try:
         for batch in batches:
-            state["mask"] = batch.attention_mask.bool()
-            state["count"] += int(state["mask"].sum())
-            state["seen"] = set()
+            state["batch"], state["seen"] = batch, set()
             with contextlib.suppress(_Seen):
-                model.base_model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    use_cache=False,
-                )  # fmt: skip
+                forward_blocks(model, batch)
     finally:
         for h in handles:
             h.remove()
-    if not state["count"]:
+    if not all(counts.values()):
         raise ValueError("no tokens to estimate key moments from")
-    return {name: s / state["count"] for name, s in sums.items()}
+    return {name: s / counts[name] for name, s in sums.items()}

@@ -40,3 +40,34 @@ class EditRequest:
     target_true: str | None = None
     neighborhood: tuple[str, ...] = field(default_factory=tuple)
     subject: str | None = None
+
+
+# The three kinds of model (see mend.models.archs): how a (prompt, target) pair is read.
+CAUSAL, SEQ2SEQ, CLASSIFIER = "causal", "seq2seq", "classifier"
+KINDS = (CAUSAL, SEQ2SEQ, CLASSIFIER)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one model reads edit rows: what `mend.data.collate.make_batch` needs of it.
+
+    Attributes:
+        kind: "causal", "seq2seq" or "classifier".
+        decoder_start: the token a seq2seq decoder starts from.
+        labels: a classifier's label names -> class index (`config.label2id`).
+    """
+
+    kind: str = CAUSAL
+    decoder_start: int | None = None
+    labels: tuple[tuple[str, int], ...] = ()
+
+    def label_index(self, target: str) -> int | None:
+        """A classifier target's class: a label name (any case) or a class index; None if
+        it is neither."""
+        names = {name.lower(): i for name, i in self.labels}
+        text = target.strip()
+        if text.lower() in names:
+            return names[text.lower()]
+        if text.isdigit() and int(text) in names.values():
+            return int(text)
+        return None

@@ -25,7 +25,7 @@ from mend.errors import MendError
 from mend.losses import kl_base_edited, masked_nll
 from mend.metrics import all_correct
 from mend.models import context_length
-from mend.models.forward import scored_logits
+from mend.models.forward import layout, scored_logits
 from mend.models.params import find_editable
 from mend.models.upper import UpperStack
 from mend.result import EditResult
@@ -58,6 +58,7 @@ class FTEditor:
         self.loc_prompts, self.n_loc = list(loc_prompts), n_loc
         self.params = find_editable(model, edit_modules)
         self.max_len = context_length(model)
+        self.layout = layout(model)
         self._cursor = 0
         start = UpperStack.first_edited_block(model, [p.name for p in self.params])
         self._stack = UpperStack(model, start) if fast and start is not None else None
@@ -88,7 +89,8 @@ class FTEditor:
             self.loc_prompts[(self._cursor + i) % len(self.loc_prompts)] for i in range(self.n_loc)
         ]
         self._cursor += self.n_loc
-        return make_batch(self.tokenizer, [(p, None) for p in picks], max_len=self.max_len)
+        pairs = [(p, None) for p in picks]
+        return make_batch(self.tokenizer, pairs, max_len=self.max_len, layout=self.layout)
 
     def _logits_of(self, batch):
         """A function giving batch's scored logits under the current hooks."""
@@ -101,7 +103,7 @@ class FTEditor:
         start = time.perf_counter()
         device = self.params[0].weight.device
         batch = make_batch(self.tokenizer, [(r.prompt, r.target) for r in requests],
-                           max_len=self.max_len).to(device)  # fmt: skip
+                           max_len=self.max_len, layout=self.layout).to(device)  # fmt: skip
         labels, rows = batch.labels[batch.pos_mask], batch.pos_row
         deltas = {p.name: torch.zeros_like(p.weight, requires_grad=True) for p in self.params}
         opt = torch.optim.Adam(deltas.values(), lr=self.lr)

@@ -10,6 +10,7 @@ from mend.data.collate import make_batch
 from mend.grads import capture
 from mend.losses import edit_loss
 from mend.models import context_length
+from mend.models.forward import layout
 from mend.models.params import find_editable
 from mend.result import EditResult
 from mend.types import EditRequest
@@ -42,7 +43,8 @@ class GradEditor:
     def edit(self, requests: list[EditRequest]) -> EditResult:
         start = time.perf_counter()
         batch = make_batch(self.tokenizer, [(r.prompt, r.target) for r in requests],
-                           max_len=self.max_len).to(self.params[0].weight.device)  # fmt: skip
+                           max_len=self.max_len, layout=layout(self.model))  # fmt: skip
+        batch = batch.to(self.params[0].weight.device)
 
         captured, _ = capture(self.model, self.params, batch, lambda lg: edit_loss(lg, batch))
         deltas = {}

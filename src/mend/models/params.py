@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mend.errors import MendError
-from mend.models.archs import arch_for
+from mend.models.archs import ARCHS, arch_for
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,14 @@ class EditableParam:
         name: module path, e.g. "model.layers.27.mlp.up_proj".
         module: the nn.Linear or Conv1D itself.
         transposed: True for GPT-2's Conv1D, whose weight is stored (in, out).
+        decoder: True for a weight of a seq2seq model's decoder (or its head), whose inputs
+            are the decoder's tokens (`TokenBatch.token_mask`); False for every other weight.
     """
 
     name: str
     module: nn.Module
     transposed: bool
+    decoder: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -68,11 +71,12 @@ def swapped_data(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
             t.data = o
 
 
-def _n_blocks(model, path: str) -> int:
-    try:
-        return len(model.get_submodule(path))
-    except AttributeError as e:
-        raise MendError(f"model has no block list at {path!r}") from e
+def _reads_decoder(model, name: str, module: nn.Module) -> bool:
+    """Whether a weight's inputs are a seq2seq decoder's tokens."""
+    spec = ARCHS.get(getattr(model.config, "model_type", None))
+    if spec is None or spec.decoder is None:
+        return False
+    return name.startswith(spec.decoder + ".") or module is model.get_output_embeddings()
 
 
 def find_editable(model, names: tuple[str, ...] | list[str] = ()) -> list[EditableParam]:
@@ -82,8 +86,7 @@ def find_editable(model, names: tuple[str, ...] | list[str] = ()) -> list[Editab
     in ".weight"; the order of the result is the order given.
     """
     if not names:
-        arch = arch_for(model)
-        names = arch.default_modules(_n_blocks(model, arch.blocks))
+        names = arch_for(model).default_modules(model)
     out = []
     for raw in names:
         name = raw.removesuffix(".weight")
@@ -101,7 +104,7 @@ def find_editable(model, names: tuple[str, ...] | list[str] = ()) -> list[Editab
             raise MendError(
                 f"cannot edit {raw!r}: it is a {type(module).__name__}, not a Linear or Conv1D"
             )
-        out.append(EditableParam(name, module, transposed))
+        out.append(EditableParam(name, module, transposed, _reads_decoder(model, name, module)))
     if len({p.name for p in out}) != len(out):
         raise MendError("the same weight is named twice in edit_modules")
     return out

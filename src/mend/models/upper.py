@@ -21,6 +21,7 @@ import torch
 
 from mend.models.archs import arch_for
 from mend.models.head import project, project_with_base
+from mend.types import CAUSAL
 
 
 @dataclass
@@ -165,8 +166,13 @@ class UpperStack:
 
     @staticmethod
     def first_edited_block(model, names: list[str]) -> int | None:
-        """Index of the lowest block holding an edited weight; None if one lies outside blocks."""
-        prefix = arch_for(model).blocks + "."
+        """Index of the lowest block holding an edited weight; None if one lies outside blocks
+        or the model is not a causal LM (seq2seq models and classifiers run the plain full
+        forward: their rows are short and the fast path knows one stack of blocks)."""
+        arch = arch_for(model)
+        if arch.kind != CAUSAL:
+            return None
+        prefix = arch.blocks + "."
         indices = []
         for name in names:
             if not name.startswith(prefix):

@@ -52,7 +52,7 @@ def edited_tokens(editor: MendEditor, reqs, stack: UpperStack | None, chunk: int
             run = lambda p=prepared: stack.logits(p, scored_only=False)  # noqa: E731
         captured, _ = capture(editor.model, editor.params, b, lambda lg, b=b: edit_loss(lg, b), run)
         for name, (u, delta) in captured.items():
-            mask = b.attention_mask.bool() & (delta != 0).any(-1)
+            mask = editor.token_mask(b, name) & (delta != 0).any(-1)
             parts.setdefault(name, []).append((u[mask], delta[mask]))
     return {
         n: (torch.cat([k for k, _ in p]), torch.cat([d for _, d in p])) for n, p in parts.items()

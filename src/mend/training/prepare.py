@@ -8,7 +8,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from mend.data.collate import TokenBatch, encode
+from mend.data.collate import TokenBatch, encode_row
 from mend.data.sources import resolve_data
 from mend.data.text import read_text
 from mend.edit import MendEditor
@@ -29,7 +29,8 @@ def by_tokens(editor: MendEditor, pairs: list[tuple[str, str | None]]):
     Batches of equal token length waste little on padding (ordered by characters, over a
     third of CounterFact's warm-up tokens were padding).
     """
-    lengths = [len(encode(editor.tokenizer, p, t, editor.max_len)[0]) for p, t in pairs]
+    tok, n, layout = editor.tokenizer, editor.max_len, editor.layout
+    lengths = [len(encode_row(tok, p, t, n, layout)) for p, t in pairs]
     order = sorted(range(len(pairs)), key=lengths.__getitem__)
     return order, [lengths[i] for i in order]
 
