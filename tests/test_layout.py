@@ -17,7 +17,7 @@ LAYER = {
     "plots": 5,
     "sequence": 5,
     "evaluate": 6, "training": 6, "baselines": 6,
-    "demo": 7,
+    "demo": 7, "generation": 7,
     "serve": 8,
     "cli": 9,
 }  # fmt: skip

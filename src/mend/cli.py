@@ -1,5 +1,5 @@
-"""`mend train | eval | edit | apply | demo | fit-shared | build-shield | serve`: parsing and
-printing."""
+"""`mend train | eval | data | edit | apply | demo | fit-shared | build-shield | serve`:
+parsing and printing."""
 
 from __future__ import annotations
 
@@ -161,7 +161,38 @@ def _parser() -> argparse.ArgumentParser:
         help="WikiText perplexity before and after editing (the first batch applied; with "
         "--sequential, all of them) on N windows of 512 tokens (default 4; 0: off)",
     )  # fmt: skip
+    e.add_argument(
+        "--generation", action="store_true",
+        help="also score each target as a continuation (edits from `mend data wikitext`): "
+        "every token right, greedy decoding exact, token accuracy and NLL before and after, "
+        "and the perplexity of held-out WikiText after every edit (single edits only)",
+    )  # fmt: skip
+    e.add_argument("--heldout-windows", type=int, default=4, metavar="N",
+                   help="with --generation: windows of 128 held-out tokens measured after each "
+                   "edit (default 4; 0: none)")  # fmt: skip
     e.add_argument("--out", required=True, help="report JSON path")
+
+    w = sub.add_parser("data", help="build edit records").add_subparsers(dest="builder",
+                                                                          required=True)  # fmt: skip
+    g = w.add_parser(
+        "wikitext", help="generation edits from raw WikiText text",
+        description="Edit records of one split of raw WikiText text: a passage prefix and a "
+        "continuation sampled from --model after it, locality on other passages. Training and "
+        "evaluation records come from disjoint articles; the articles from the first one past "
+        "the text's middle are held out for perplexity.",
+    )  # fmt: skip
+    _common(g)
+    g.add_argument("--text", default="wikitext-valid", help="raw WikiText file or data set name")
+    g.add_argument("--split", required=True, choices=["train", "eval"])
+    g.add_argument("--out", required=True, help="JSONL file to write")
+    g.add_argument("--seed", type=int, default=0, help="article split, order, samples")
+    g.add_argument("--prefix-tokens", type=int, default=32, help="longest prefix, in tokens")
+    g.add_argument("--tokens", type=int, default=10, help="continuation tokens sampled")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--locality", type=int, default=1, help="locality passages per record")
+    g.add_argument("--eval-fraction", type=float, default=0.25,
+                   help="share of the edit articles' text that goes to evaluation")  # fmt: skip
+    g.add_argument("--limit", type=int, help="at most N records")
 
     d = sub.add_parser("edit", help="edit facts and show the answers before and after")
     _common(d)
@@ -394,6 +425,10 @@ def cmd_eval(args) -> int:
         raise MendError("--every needs --sequential")
     if args.every is not None and (args.every < 1 or (args.limit and args.every > args.limit)):
         raise MendError(f"--every must be between 1 and --limit, got {args.every}")
+    if args.generation and (args.sequential or args.batch_size != 1):
+        raise MendError("--generation scores single edits: not with --sequential or --batch-size")
+    if args.heldout_windows < 0:
+        raise MendError("--heldout-windows must be >= 0")
     _check_out_file(args.out, "--out")
     model, tok = _load(args)
     method = _method(args, model, tok)
@@ -407,6 +442,13 @@ def cmd_eval(args) -> int:
 
         report = evaluate_sequential(model, tok, method, data, args.batch_size, args.every, **ppl)
         last = "curve"
+    elif args.generation:
+        from mend.generation.score import evaluate_generation
+
+        heldout = ppl_text() if args.heldout_windows else None
+        report = evaluate_generation(model, tok, method, data, heldout, args.heldout_windows,
+                                     per_edit=True, **ppl)  # fmt: skip
+        last = "edits"
     else:
         report = evaluate(model, tok, method, data, batch_size=args.batch_size, per_edit=True,
                           **ppl)  # fmt: skip
@@ -416,6 +458,31 @@ def cmd_eval(args) -> int:
     report[last] = listed
     write_json(args.out, report)
     print(format_report(report))
+    if "generation" in report:
+        from mend.generation.score import format_generation
+
+        print(format_generation(report["generation"]))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from mend.data.sources import resolve_data
+    from mend.data.wikitext import read_articles
+    from mend.generation.build import BuildConfig, build_records, write_records
+
+    cfg = BuildConfig(split=args.split, seed=args.seed, prefix_tokens=args.prefix_tokens,
+                      n_tokens=args.tokens, temperature=args.temperature,
+                      locality=args.locality, eval_fraction=args.eval_fraction, limit=args.limit)  # fmt: skip
+    _check_out_file(args.out, "--out")
+    text = resolve_data(args.text)
+    read_articles(text)  # a bad text fails before the model loads
+    model, tok = _load(args)
+    records, summary = build_records(model, tok, text, cfg)
+    if not records:
+        raise MendError(f"{args.text}: no passage gave a record")
+    write_records(args.out, records)
+    summary["articles"] = len(summary["articles"])
+    print(json.dumps(summary | {"text": str(text), "out": args.out}, indent=2))
     return 0
 
 
@@ -610,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    handler = {"train": cmd_train, "eval": cmd_eval, "edit": cmd_edit, "apply": cmd_apply,
+    handler = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "edit": cmd_edit,
+               "apply": cmd_apply,
                "demo": cmd_demo, "fit-shared": cmd_fit_shared,
                "build-shield": cmd_build_shield, "serve": cmd_serve}[args.cmd]  # fmt: skip
     try:
