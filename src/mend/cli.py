@@ -4,6 +4,7 @@ parsing and printing."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -238,6 +239,27 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True, help="training edits (the first --limit are used)")
     f.add_argument("--limit", type=int, default=64)
     f.add_argument("--rank", type=int, default=16, help="rank of the shared part")
+
+    n = sub.add_parser(
+        "finetune", help="fine-tune a whole model on (prompt, target) pairs, e.g. a classifier",
+        description="Train every weight on (prompt, target) pairs as the model's kind reads "
+        "them (a classifier: target = label name); save the model with its tokenizer.",
+    )  # fmt: skip
+    _common(n)
+    n.add_argument("--recipe", help="fine-tuning recipe (shipped: factcheck-minilm) or a file")
+    n.add_argument("--data", help="training pairs (default: the recipe's)")
+    n.add_argument("--val", help="held-out pairs whose accuracy is reported (default: recipe's)")
+    n.add_argument("--labels", nargs="+", help="a classifier's label names, class 0 first")
+    n.add_argument("--epochs", type=int)
+    n.add_argument("--lr", type=float)
+    n.add_argument("--out", required=True, help="folder for the fine-tuned model")
+
+    c = sub.add_parser(
+        "factcheck-data", help="write the fact-checking claims and verdict edits as JSONL",
+        description="From CounterFact and zsRE: labelled claims for fine-tuning a verdict "
+        "classifier and scoring it, and edits that flip a claim's verdict (mend.data.factcheck).",
+    )  # fmt: skip
+    c.add_argument("--out", required=True, help="folder for claims-*.jsonl and edits-*.jsonl")
 
     s = sub.add_parser(
         "build-shield", help="store the known facts an edit can be shielded from (--shield)"
@@ -673,13 +695,51 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from mend.training import finetune as ft
+
+    recipe = ft.load_finetune_recipe(args.recipe) if args.recipe else None
+    recipe = recipe or ft.FinetuneRecipe("", "", ft.FinetuneConfig())
+    data, val = args.data or recipe.data, args.val or recipe.val
+    if data is None or val is None:
+        raise MendError("give --data and --val (pairs), or a --recipe that names them")
+    _check_out_dir(args.out, "--out")
+    cfg = recipe.config
+    for name in ("epochs", "lr"):
+        if getattr(args, name) is not None:
+            cfg = dataclasses.replace(cfg, **{name: getattr(args, name)})
+    model, tok = _load(args)
+    labels = tuple(args.labels or recipe.labels)
+    if labels:
+        ft.set_labels(model, labels)
+    report = ft.finetune(model, tok, _load_data(data, tok, model), _load_data(val, tok, model), cfg,
+                      args.out)  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_factcheck_data(args) -> int:
+    from mend.data.factcheck import SPLITS, build_split, to_record
+    from mend.files import atomic_write
+
+    _check_out_dir(args.out, "--out")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        rows = [json.dumps(to_record(r)) for r in build_split(name)]
+        atomic_write(Path(args.out) / f"{name}.jsonl",
+                     lambda tmp, rows=rows: Path(tmp).write_text("\n".join(rows) + "\n"))  # fmt: skip
+        print(f"{name}.jsonl: {len(rows)} records")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     handler = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "edit": cmd_edit,
                "apply": cmd_apply,
-               "demo": cmd_demo, "fit-shared": cmd_fit_shared,
+               "demo": cmd_demo, "fit-shared": cmd_fit_shared, "finetune": cmd_finetune,
+               "factcheck-data": cmd_factcheck_data,
                "build-shield": cmd_build_shield, "serve": cmd_serve}[args.cmd]  # fmt: skip
     try:
         return handler(args)
