@@ -221,6 +221,28 @@ def test_cli_builds_records_from_a_local_model(capsys, tmp_path, raw_file, lm):
     assert records == built
 
 
+def test_cli_eval_generation_reports_the_measures(capsys, tmp_path, raw_file, lm, monkeypatch):
+    model, tok = lm
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "data" / "wikitext").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext" / "wiki.valid.raw").write_text(raw_file.read_text())
+    monkeypatch.setenv("MEND_DATA_DIR", str(tmp_path / "data"))  # the held-out text, found
+    records, _ = build_records(model, tok, raw_file, BuildConfig(**(CFG.__dict__ | {"limit": 3})),
+                               progress=False)  # fmt: skip
+    write_records(tmp_path / "edits.jsonl", records)
+    argv = ["eval", "--model", str(tmp_path / "model"), "--method", "none", "--data",
+            str(tmp_path / "edits.jsonl"), "--generation", "--heldout-windows", "2"]  # fmt: skip
+    _fails(capsys, [*argv, "--batch-size", "2", "--out", str(tmp_path / "r.json")], "single")
+    _fails(capsys, [*argv, "--sequential", "--out", str(tmp_path / "r.json")], "single")
+    assert not (tmp_path / "r.json").exists()
+    assert main([*argv, "--out", str(tmp_path / "r.json")]) == 0
+    g = json.loads((tmp_path / "r.json").read_text())["generation"]
+    assert g["edits"] == 3 and g["windows_per_edit"] == 2
+    assert g["ppl_drawdown"] == pytest.approx(0.0, abs=1e-6)
+    assert "held-out ppl (each edit)" in capsys.readouterr().out
+
+
 def test_summary_measures_on_a_hand_built_case():
     before = [{"nll": 3.0, "token_acc": 0.2, "all_correct": False, "greedy_exact": False},
               {"nll": 2.0, "token_acc": 0.5, "all_correct": False, "greedy_exact": False},
