@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from mend.config import AGGREGATES
 from mend.errors import MendError
 from mend.training.recipe import recipe_names
 
@@ -53,17 +54,18 @@ def _boost_flag(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--shield-facts", type=int, default=16, help="nearest facts to shield")
     p.add_argument(
-        "--aggregate", choices=("sum", "ls"), default=None,
-        help="how the requests of a batched edit combine: MEND's changes summed, or one "
-        "least-squares change giving every edited token's key its value (see MendEditor); "
-        "default: what the editor was trained for",
+        "--aggregate", choices=AGGREGATES, default=None,
+        help="how the requests of a batched edit combine: MEND's changes summed (sum), one "
+        "least-squares change giving every edited token's key its value (ls), or each "
+        "request's own checked single edit, combined by least squares at their keys "
+        "(singles; see MendEditor); default: what the editor was trained for",
     )  # fmt: skip
     p.add_argument("--ridge", type=float, default=None,
-                   help="--aggregate ls: relative ridge (default: the editor's own, 1e-4 "
-                   "unless learned)")  # fmt: skip
+                   help="--aggregate ls/singles: relative ridge (default: the editor's own, "
+                   "1e-4 unless learned; singles 1e-6)")  # fmt: skip
     p.add_argument(
         "--preserve", type=float, default=0.0, metavar="MU",
-        help="--aggregate ls (and --method ls): hold the outputs of ordinary text's keys "
+        help="--aggregate ls/singles (and --method ls): hold the outputs of ordinary text's keys "
         "(WikiText, cached once per model) with this weight (0: off)",
     )  # fmt: skip
     p.add_argument(

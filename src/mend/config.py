@@ -11,6 +11,10 @@ from typing import Any
 
 from mend.errors import MendError
 
+# How the requests of a batched edit combine (`mend.edit.MendEditor`): an editor is trained
+# for the first two; "singles" combines a single-edit editor's own edits.
+AGGREGATES = ("sum", "ls", "singles")
+
 
 def cache_dir() -> Path:
     """Where converted models and downloaded data live ($MEND_CACHE, else ~/.cache/mend)."""
