@@ -381,14 +381,23 @@ def evaluate_sequential(
     if every is not None and not 1 <= every <= len(requests):
         raise MendError(f"every must be between 1 and the number of edits ({len(requests)})")
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-    bases = [score(model, tokenizer, b) for b in batches]  # the unedited model, per batch
+    bases = [  # the unedited model, per batch
+        score(model, tokenizer, b)
+        for b in tqdm(batches, desc="scoring the unedited model", disable=not progress, leave=False)
+    ]
     ppl_before = _ppl(model, tokenizer, ppl_text, ppl_windows)
-    results, curve = [], []
+    results, curve, scored = [], [], {}
 
     def rescore(n: int) -> list[dict]:  # every edit of the first n batches, as the model is now
-        return [
-            score(model, tokenizer, b, base) for b, base in zip(batches[:n], bases[:n], strict=True)
-        ]
+        if n not in scored:  # (the curve's last point is the final score: scored once)
+            pairs = list(zip(batches[:n], bases[:n], strict=True))
+            scored[n] = [
+                score(model, tokenizer, b, base)
+                for b, base in tqdm(
+                    pairs, desc=f"re-scoring {n} batches", disable=not progress, leave=False
+                )  # fmt: skip
+            ]
+        return scored[n]
 
     try:
         for n, batch in enumerate(tqdm(batches, desc="sequential edits", disable=not progress,
