@@ -20,9 +20,11 @@ mend eval --threads 1 --method ls --data counterfact-val --limit 100 --batch-siz
 mend eval --threads 1 --editor $E --data zsre-eval --limit 100 --batch-size 100 --out $R/zsre-k100.json > $R/zsre-k100.txt
 # a 1,000-request edit against a forward pass over the same prompts
 python benchmarks/mass_edit_time.py --editor $E --sizes 100 1000 --threads 1 > $R/mass_edit_time.txt
-# 1,000 edits in sequence in batches of 100, all re-scored after 500 and 1,000; the same with
+# 1,000 edits in sequence in batches of 100 and of 1, all re-scored after 500 and 1,000; the same with
 # the editor's input statistics adapted at every edit
 python benchmarks/compare.py --threads 1 --setting lifelong --batch-sizes 100 --methods mend \
   --editor $E --data counterfact-val --limit 1000 --every 500 --out $R/lifelong > $R/lifelong.txt
+python benchmarks/compare.py --threads 1 --setting lifelong --batch-sizes 1 --methods mend \
+  --editor $E --data counterfact-val --limit 1000 --every 500 --out $R/lifelong > $R/lifelong-b1.txt
 mend eval --threads 1 --editor $E --data counterfact-val --limit 1000 --batch-size 100 --sequential \
   --adapt-stats --every 500 --out $R/lifelong-b100-adapt-stats.json > $R/lifelong-b100-adapt-stats.txt
