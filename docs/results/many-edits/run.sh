@@ -28,3 +28,6 @@ python benchmarks/compare.py --threads 1 --setting lifelong --batch-sizes 1 --me
   --editor $E --data counterfact-val --limit 1000 --every 500 --out $R/lifelong > $R/lifelong-b1.txt
 mend eval --threads 1 --editor $E --data counterfact-val --limit 1000 --batch-size 100 --sequential \
   --adapt-stats --every 500 --out $R/lifelong-b100-adapt-stats.json > $R/lifelong-b100-adapt-stats.txt
+# a single-edit editor's own edits combined by least squares (the demo editor, `make demo`)
+mend eval --threads 1 --editor runs/demo --aggregate singles --data counterfact-val --limit 500 \
+  --batch-size 100 --sequential --out $R/singles/lifelong-b100.json > $R/singles/lifelong-b100.txt
