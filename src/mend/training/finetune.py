@@ -11,7 +11,6 @@ published model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from mend.losses import masked_nll
 from mend.metrics import all_correct
 from mend.models import context_length
 from mend.models.forward import layout, scored_logits
+from mend.training.recipe import read_recipe_file
 from mend.types import EditRequest
 
 FINETUNE_RECIPES = Path(__file__).parent / "recipes" / "finetune"
@@ -67,20 +67,12 @@ class FinetuneRecipe:
 
 def load_finetune_recipe(name_or_path: str | Path) -> FinetuneRecipe:
     """A shipped fine-tuning recipe by name, or a recipe file by path."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = FINETUNE_RECIPES / f"{name_or_path}.json"
-        if not path.is_file():
-            names = ", ".join(sorted(p.stem for p in FINETUNE_RECIPES.glob("*.json")))
-            raise MendError(f"no fine-tuning recipe {str(name_or_path)!r}: give a file or {names}")
+    keys = {"description", "config", "data", "val", "labels"}
+    path, raw = read_recipe_file(name_or_path, FINETUNE_RECIPES, keys, "fine-tuning recipe")
     try:
-        raw = json.loads(path.read_text())
         config = _from_dict(FinetuneConfig, raw.get("config", {}))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as e:
+    except (MendError, TypeError) as e:
         raise MendError(f"fine-tuning recipe {path}: {e}") from None
-    unknown = set(raw) - {"description", "config", "data", "val", "labels"}
-    if unknown:
-        raise MendError(f"fine-tuning recipe {path}: unknown keys {sorted(unknown)}")
     return FinetuneRecipe(path.stem, raw.get("description", ""), config, raw.get("data"),
                           raw.get("val"), tuple(raw.get("labels", ())))  # fmt: skip
 

@@ -34,27 +34,41 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES.glob("*.json"))
 
 
+def read_recipe_file(
+    name_or_path: str | Path, folder: Path, keys: set[str], what: str
+) -> tuple[Path, dict]:
+    """(path, the JSON object) of a recipe file: `name_or_path` as a path, else a recipe
+    shipped in `folder` by name. `what` names the kind of recipe in errors.
+
+    Raises:
+        MendError: no such recipe, unreadable JSON, not an object with a 'config' object, or
+            keys outside `keys`.
+    """
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = folder / f"{name_or_path}.json"
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in folder.glob("*.json")))
+            raise MendError(f"no {what} {str(name_or_path)!r}: give a file or one of {names}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MendError(f"{what} {path}: cannot read it ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("config", {}), dict):
+        raise MendError(f"{what} {path}: expected an object with a 'config' object")
+    unknown = set(raw) - keys
+    if unknown:
+        raise MendError(f"{what} {path}: unknown keys {sorted(unknown)}")
+    return path, raw
+
+
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A shipped recipe by name, or a recipe file by path; validated.
 
     Raises:
         MendError: no such recipe, unreadable JSON, unknown keys or invalid settings.
     """
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = RECIPES / f"{name_or_path}.json"
-        if not path.is_file():
-            raise MendError(f"no recipe {str(name_or_path)!r}: give a file or one of "
-                            f"{', '.join(recipe_names())}")  # fmt: skip
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MendError(f"recipe {path}: cannot read it ({e})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("config", {}), dict):
-        raise MendError(f"recipe {path}: expected an object with a 'config' object")
-    unknown = set(raw) - _KEYS
-    if unknown:
-        raise MendError(f"recipe {path}: unknown keys {sorted(unknown)}")
+    path, raw = read_recipe_file(name_or_path, RECIPES, _KEYS, "recipe")
     try:
         config = TrainConfig.from_dict(raw.get("config", {}))
     except (MendError, TypeError) as e:
