@@ -30,8 +30,9 @@ from mend.result import EditResult
 
 class CombinedSingles:
     def __init__(self, editor: MendEditor, ridge: float, keep_before: bool, preserve: float,
-                 correct_sum: bool = False):  # fmt: skip
+                 correct_sum: bool = False, span: str = "keys"):  # fmt: skip
         self.editor, self.ridge, self.keep_before = editor, ridge, keep_before
+        self.span = span
         self.correct_sum = correct_sum
         self.preserve = preserve
         self.moments = (
@@ -79,6 +80,9 @@ class CombinedSingles:
             held = None
             if self.preserve:
                 held = self.preserve * len(k) * self.moments[p.name].double()
+            if self.span == "editor":
+                updates[p.name] = self._in_editor_span(factors[p.name], k, v, held)
+                continue
             solved = solved_keys(k, len(k), self.ridge, held).float()
             if self.correct_sum:  # the summed change, corrected at the requests' own keys
                 su = torch.cat([u for u, _ in factors[p.name]])
@@ -90,6 +94,20 @@ class CombinedSingles:
         return EditResult(ed.model, ed.params, updates, time.perf_counter() - start)
 
 
+    def _in_editor_span(self, factors, k, v, held):
+        """The change restricted to the input directions the single edits chose:
+        Delta W^T = U^T M, U (R, in) every single edit's u rows; M (R, out) solves
+        min ||K U^T M - V||^2 + M^T U C U^T M + lambda ||M||^2."""
+        u = torch.cat([f[0] for f in factors]).double()
+        a = k @ u.T  # (N, R)
+        gram = a.T @ a
+        if held is not None:
+            gram = gram + u @ held @ u.T
+        lam = self.ridge * gram.diagonal().mean()
+        eye = torch.eye(len(gram), dtype=gram.dtype)
+        m = torch.linalg.solve(gram + lam * eye, a.T @ v.double())
+        return u.float(), m.float()
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--editor", required=True)
@@ -100,6 +118,8 @@ def main():
     ap.add_argument("--preserve", type=float, default=0.0)
     ap.add_argument("--keep-before-subject", action="store_true")
     ap.add_argument("--correct-sum", action="store_true")
+    ap.add_argument("--span", choices=["keys", "editor"], default="keys",
+                    help="editor: the change along the single edits' own input directions")
     ap.add_argument("--summed", action="store_true", help="the editor's own batched edit instead")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -110,7 +130,8 @@ def main():
         editor
         if args.summed
         else CombinedSingles(
-            editor, args.ridge, args.keep_before_subject, args.preserve, args.correct_sum
+            editor, args.ridge, args.keep_before_subject, args.preserve, args.correct_sum,
+            args.span,
         )
     )
     reqs = load_requests(args.data, limit=args.limit)
