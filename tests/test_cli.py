@@ -517,10 +517,11 @@ def test_edit_bad_boost_scale_and_unboosted_edit(env, trained, tmp_path, capsys)
 
 @pytest.mark.parametrize("flag, bf16", [([], None), (["--editor-fp32"], False)])
 def test_editor_fp32_flag_keeps_edits_off_bf16(env, trained, tmp_path, flag, bf16):
-    from mend.cli import _mend_editor, _parser
+    from mend.cli import _mend_editor
+    from mend.cli_parser import build_parser
     from mend.models.upper import bf16_is_fast
 
-    args = _parser().parse_args(_edit_argv(env, trained, tmp_path) + flag)
+    args = build_parser().parse_args(_edit_argv(env, trained, tmp_path) + flag)
     model, tok = load_model(args.model)
     editor = _mend_editor(args, model, tok)
     assert editor.editor_bf16 is (bf16_is_fast(editor.device) if bf16 is None else bf16)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import make_tokenizer, tiny_model
 
-from mend.cli import BASELINE_NAMES, main
+from mend.cli import main
+from mend.cli_parser import BASELINE_NAMES
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> None:
