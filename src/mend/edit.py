@@ -20,6 +20,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from mend.aggregate import KeyMemory, check_null_space, null_space_basis, solved_keys
 from mend.checkpoint import load_editor, model_identity, save_editor
@@ -568,7 +569,8 @@ class MendEditor:
                 captured, _ = self._capture(batch)
             keys: dict[str, list[torch.Tensor]] = {p.name: [] for p in self.params}
             values: dict[str, list[torch.Tensor]] = {p.name: [] for p in self.params}
-            for i, request in enumerate(requests):
+            singles = tqdm(requests, desc="single edits", leave=False, disable=len(requests) < 10)
+            for i, request in enumerate(singles):
                 single = self.edit([request])
                 single.revert()
                 for name, (u, d) in single.updates.items():  # Delta W_i^T = u^T d
@@ -610,7 +612,6 @@ def fit_shared(
     edit. The bases are the top `rank` singular vectors of the mean single-edit Delta W
     (out, in) over `requests`.
     """
-    from tqdm.auto import tqdm
 
     if not requests:
         raise MendError("fit_shared needs at least one edit")
