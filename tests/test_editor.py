@@ -7,6 +7,7 @@ import torch
 
 from mend.config import EditorConfig
 from mend.editor import EditorNet, LowRankBlock, RunningNorm
+from mend.errors import MendError
 
 
 def test_running_norm_matches_batch_statistics_and_freezes_in_eval():
@@ -27,6 +28,31 @@ def test_running_norm_matches_batch_statistics_and_freezes_in_eval():
     out = norm(x, torch.zeros(3, dtype=torch.long))
     assert torch.equal(norm.count, before)
     torch.testing.assert_close(out, ((x.double() - allx.mean(0)) / allx.std(0)).float())
+
+
+def test_running_norm_clips_inputs_far_outside_what_it_saw():
+    torch.manual_seed(0)
+    norm = RunningNorm(n_layers=1, dim=4, clip=10.0).train()
+    norm(torch.randn(500, 4), torch.zeros(500, dtype=torch.long))
+    norm.eval()
+    ids = torch.zeros(2, dtype=torch.long)
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.0], [1e4, -1e4, 3.0, 0.0]])
+    out = norm(x, ids)
+    unclipped = RunningNorm(n_layers=1, dim=4).eval()
+    unclipped.load_state_dict(norm.state_dict())
+    plain = unclipped(x, ids)
+    torch.testing.assert_close(out[0], plain[0])  # ordinary inputs are untouched
+    assert plain[1, :2].abs().min() > 1000
+    torch.testing.assert_close(out[1, :2], torch.tensor([10.0, -10.0]))
+    torch.testing.assert_close(out[1, 2:], plain[1, 2:])
+
+
+def test_editor_config_refuses_a_bad_input_clip():
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(MendError, match="input_clip"):
+            EditorConfig(input_clip=bad)
+    assert EditorConfig(input_clip=None).input_clip is None
+    assert EditorConfig.from_dict({}).input_clip == 100.0  # editors saved before it: clipped
 
 
 def test_low_rank_block_starts_as_identity_and_has_live_gradients():

@@ -44,6 +44,12 @@ class EditorConfig:
         precondition: ridge lambda of the key preconditioner (C / mean eig + lambda I)^-1
             applied to every u~, C being the second moment of the matrix's inputs (see
             editor/net.py); None is plain MEND.
+        input_clip: the editor networks' standardised inputs are clipped to +-input_clip
+            (standard deviations of what training saw); None: unclipped, as in the paper. A
+            token far outside that range (the bare space a number's digits follow in
+            SmolLM2's vocabulary, after a question: a gradient 100 times the usual) would
+            otherwise give a change thousands of times the usual size, which makes its
+            target the answer and wrecks the model.
     """
 
     rank: int = 512  # the paper used 1920; 512 trains as well here and edits faster
@@ -59,6 +65,7 @@ class EditorConfig:
     aggregate: str = "sum"
     # the least-squares ridge, relative to the keys' mean squared norm (learned per matrix)
     init_ridge: float = 1e-4
+    input_clip: float | None = 100.0
 
     def __post_init__(self):
         if self.rank < 1:
@@ -77,6 +84,10 @@ class EditorConfig:
             raise MendError(f"aggregate must be 'sum' or 'ls', got {self.aggregate!r}")
         if not (self.init_ridge > 0 and math.isfinite(self.init_ridge)):
             raise MendError(f"init_ridge must be a positive number, got {self.init_ridge}")
+        if self.input_clip is not None and not (
+            self.input_clip > 0 and math.isfinite(self.input_clip)
+        ):
+            raise MendError(f"input_clip must be a positive number or None, got {self.input_clip}")
         self.edit_modules = tuple(self.edit_modules)
 
     def to_dict(self) -> dict[str, Any]:

@@ -67,8 +67,8 @@ class MatrixNet(nn.Module):
         self.d_in, self.d_out = d_in, d_out
         dim = d_in + d_out
         rank = min(cfg.rank, dim)
-        self.norm_u = RunningNorm(n_layers, d_in)
-        self.norm_d = RunningNorm(n_layers, d_out)
+        self.norm_u = RunningNorm(n_layers, d_in, cfg.input_clip)
+        self.norm_d = RunningNorm(n_layers, d_out, cfg.input_clip)
         self.blocks = nn.ModuleList(LowRankBlock(dim, rank, n_layers) for _ in range(cfg.n_blocks))
 
     def forward(

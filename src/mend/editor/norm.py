@@ -15,11 +15,13 @@ class RunningNorm(nn.Module):
 
     Statistics are merged batch by batch (Chan et al.'s parallel form of Welford's algorithm)
     in float64, updated only in training mode, and saved with the module. A matrix whose
-    statistics have seen fewer than two tokens is passed through unchanged.
+    statistics have seen fewer than two tokens is passed through unchanged. With `clip`, the
+    standardised values are clipped to +-clip (`EditorConfig.input_clip`).
     """
 
-    def __init__(self, n_layers: int, dim: int):
+    def __init__(self, n_layers: int, dim: int, clip: float | None = None):
         super().__init__()
+        self.clip = clip
         self.register_buffer("count", torch.zeros(n_layers, dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(n_layers, dim, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(n_layers, dim, dtype=torch.float64))
@@ -56,4 +58,5 @@ class RunningNorm(nn.Module):
         if self.training:
             self.update(x, layer_ids)
         mean, std = self.stats()
-        return (x - mean[layer_ids].to(x.dtype)) / std[layer_ids].to(x.dtype)
+        z = (x - mean[layer_ids].to(x.dtype)) / std[layer_ids].to(x.dtype)
+        return z if self.clip is None else z.clamp(-self.clip, self.clip)
