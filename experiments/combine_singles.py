@@ -30,9 +30,9 @@ from mend.result import EditResult
 
 class CombinedSingles:
     def __init__(self, editor: MendEditor, ridge: float, keep_before: bool, preserve: float,
-                 correct_sum: bool = False, span: str = "keys"):  # fmt: skip
+                 correct_sum: bool = False, span: str = "keys", scored_only: bool = False):  # fmt: skip
         self.editor, self.ridge, self.keep_before = editor, ridge, keep_before
-        self.span = span
+        self.span, self.scored_only = span, scored_only
         self.correct_sum = correct_sum
         self.preserve = preserve
         self.moments = (
@@ -67,6 +67,8 @@ class CombinedSingles:
                 k = captured[p.name][0][0]  # (S, in)
                 mask = batch.attention_mask[0].bool().clone()
                 mask[int(batch.pos_mask[0].nonzero()[-1]) + 1 :] = False  # last target token
+                if self.scored_only:  # the positions that predict the target's tokens
+                    mask = batch.pos_mask[0].bool()
                 k = k[mask]
                 v = (k @ u.T) @ d
                 v[:first] = 0
@@ -93,7 +95,6 @@ class CombinedSingles:
                 updates[p.name] = (solved, v)
         return EditResult(ed.model, ed.params, updates, time.perf_counter() - start)
 
-
     def _in_editor_span(self, factors, k, v, held):
         """The change restricted to the input directions the single edits chose:
         Delta W^T = U^T M, U (R, in) every single edit's u rows; M (R, out) solves
@@ -108,6 +109,7 @@ class CombinedSingles:
         m = torch.linalg.solve(gram + lam * eye, a.T @ v.double())
         return u.float(), m.float()
 
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--editor", required=True)
@@ -118,8 +120,17 @@ def main():
     ap.add_argument("--preserve", type=float, default=0.0)
     ap.add_argument("--keep-before-subject", action="store_true")
     ap.add_argument("--correct-sum", action="store_true")
-    ap.add_argument("--span", choices=["keys", "editor"], default="keys",
-                    help="editor: the change along the single edits' own input directions")
+    ap.add_argument(
+        "--scored-only",
+        action="store_true",
+        help="solve at the positions that predict the target only, not the whole prompt",
+    )
+    ap.add_argument(
+        "--span",
+        choices=["keys", "editor"],
+        default="keys",
+        help="editor: the change along the single edits' own input directions",
+    )
     ap.add_argument("--summed", action="store_true", help="the editor's own batched edit instead")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -130,8 +141,13 @@ def main():
         editor
         if args.summed
         else CombinedSingles(
-            editor, args.ridge, args.keep_before_subject, args.preserve, args.correct_sum,
+            editor,
+            args.ridge,
+            args.keep_before_subject,
+            args.preserve,
+            args.correct_sum,
             args.span,
+            args.scored_only,
         )
     )
     reqs = load_requests(args.data, limit=args.limit)
