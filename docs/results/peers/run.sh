@@ -12,6 +12,8 @@ python benchmarks/locate_layers.py --threads 1 --edits 10 --memit 8-12 4-8 \
 # 2. the first CounterFact val records: ROME's single edits; MEMIT and AlphaEdit 100 in one change
 python benchmarks/compare.py --threads 1 --setting mass --sizes 1 --limit-per-size 1=100 \
   --methods rome --layers 12 --data counterfact-val --limit 100 --out $R/mass
+python benchmarks/compare.py --threads 1 --setting mass --sizes 1 --limit-per-size 1=500 \
+  --methods rome --layers 12 --data counterfact-val --limit 500 --out $R/single500
 python benchmarks/compare.py --threads 1 --setting mass --sizes 100 --methods memit alphaedit \
   --layers 8 9 10 11 12 --mom2-weight 150 --data counterfact-val --limit 100 --out $R/mass
 # (the line above ran MEMIT only: AlphaEdit's change of 100 was stopped for time)
