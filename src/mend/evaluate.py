@@ -463,7 +463,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{'wikitext ppl':<{w}}{'not measured':>20}")
     else:
         change = f"  ({report['ppl_change']:+.1%})"
-        lines.append(f"{f'wikitext ppl ({label})':<{w}}{before:>10.3f}{after:>10.3f}{change}")
+        ppl = f"{before:>10.3f} {after:>9.3f}"  # a wrecked model's millions keep a space
+        lines.append(f"{f'wikitext ppl ({label})':<{w}}{ppl}{change}")
     lines.append(f"{'edits':<{w}}{report['n_edits']:>20}")
     for stat in ("median", "mean"):
         value = report.get(f"seconds_per_batch_{stat}", report.get(f"edit_seconds_{stat}"))
