@@ -517,8 +517,8 @@ def test_edit_bad_boost_scale_and_unboosted_edit(env, trained, tmp_path, capsys)
 
 @pytest.mark.parametrize("flag, bf16", [([], None), (["--editor-fp32"], False)])
 def test_editor_fp32_flag_keeps_edits_off_bf16(env, trained, tmp_path, flag, bf16):
-    from mend.cli import _mend_editor
-    from mend.cli_parser import build_parser
+    from mend.cli.commands import _mend_editor
+    from mend.cli.parser import build_parser
     from mend.models.upper import bf16_is_fast
 
     args = build_parser().parse_args(_edit_argv(env, trained, tmp_path) + flag)

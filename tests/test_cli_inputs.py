@@ -10,7 +10,7 @@ import torch
 from conftest import make_tokenizer, tiny_model
 
 from mend.cli import main
-from mend.cli_parser import BASELINE_NAMES
+from mend.cli.parser import BASELINE_NAMES
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> None:

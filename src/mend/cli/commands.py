@@ -1,5 +1,5 @@
 """`mend train | eval | data | edit | apply | demo | fit-shared | build-shield | serve`:
-running and printing (flags: `mend.cli_parser`)."""
+running and printing (their flags: `parser.py`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mend.cli_parser import build_parser
+from mend.cli.parser import build_parser
 from mend.errors import MendError
 
 
@@ -456,7 +456,3 @@ def main(argv: list[str] | None = None) -> int:
     except MendError as e:
         print(f"mend: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
