@@ -16,8 +16,8 @@ python benchmarks/compare.py --threads 1 --setting mass --sizes 1 --limit-per-si
   --methods rome --layers 12 --data counterfact-val --limit 500 --out $R/single500
 python benchmarks/compare.py --threads 1 --setting mass --sizes 100 --methods memit alphaedit \
   --layers 8 9 10 11 12 --mom2-weight 150 --data counterfact-val --limit 100 --out $R/mass
-python benchmarks/compare.py --threads 1 --setting mass --sizes 10 --limit-per-size 10=30 --methods memit \
-  --layers 8 9 10 11 12 --mom2-weight 150 --data counterfact-val --limit 30 --out $R/mass
+python benchmarks/compare.py --threads 1 --setting mass --sizes 10 --limit-per-size 10=100 --methods memit \
+  --layers 8 9 10 11 12 --mom2-weight 150 --data counterfact-val --limit 100 --out $R/mass --force
 # 3. AlphaEdit in sequence: 30 edits in batches of 10, all re-scored after each batch
 python benchmarks/compare.py --threads 1 --setting lifelong --batch-sizes 10 --methods alphaedit \
   --layers 8 9 10 11 12 --mom2-weight 150 --data counterfact-val --limit 30 --every 10 --out $R/lifelong
