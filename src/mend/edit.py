@@ -612,7 +612,6 @@ def fit_shared(
     edit. The bases are the top `rank` singular vectors of the mean single-edit Delta W
     (out, in) over `requests`.
     """
-
     if not requests:
         raise MendError("fit_shared needs at least one edit")
     was_training = editor.net.training
